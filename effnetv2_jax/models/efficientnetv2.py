@@ -1,0 +1,230 @@
+"""EfficientNetV2 as Flax NNX modules, built from an `arch.Architecture`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.models.layers import (BatchNorm, Conv2D, DepthwiseConv2D,
+                                        SqueezeExcite, drop_path)
+
+
+class _ConvBN(nnx.Module):
+  """Conv -> BN (-> SiLU when `act`): the stem and head share this shape."""
+
+  def __init__(self, cin, cout, kernel, stride, *, bn_kw, dtype, rngs):
+    self.conv = Conv2D(cin, cout, kernel, stride, dtype=dtype, rngs=rngs)
+    self.bn = BatchNorm(cout, dtype=dtype, rngs=rngs, **bn_kw)
+
+  def __call__(self, x, *, training, groups):
+    return jax.nn.silu(self.bn(self.conv(x), training=training, groups=groups))
+
+
+class MBConv(nnx.Module):
+  """Inverted bottleneck: [1x1 expand] -> depthwise -> [SE] -> 1x1 project."""
+
+  def __init__(self, spec: arch_lib.BlockSpec, *, bn_kw, dtype,
+               depthwise_impl, rngs):
+    self.spec = spec
+    mid = spec.mid_channels
+    if spec.expand_ratio != 1:
+      self.expand_conv = Conv2D(spec.in_channels, mid, 1, dtype=dtype,
+                                rngs=rngs)
+      self.expand_bn = BatchNorm(mid, dtype=dtype, rngs=rngs, **bn_kw)
+    else:
+      self.expand_conv = self.expand_bn = None
+    self.dw_conv = DepthwiseConv2D(mid, spec.kernel_size, spec.stride,
+                                   impl=depthwise_impl, dtype=dtype, rngs=rngs)
+    self.dw_bn = BatchNorm(mid, dtype=dtype, rngs=rngs, **bn_kw)
+    self.se = (SqueezeExcite(mid, spec.se_channels, dtype=dtype, rngs=rngs)
+               if spec.se_channels else None)
+    self.project_conv = Conv2D(mid, spec.out_channels, 1, dtype=dtype,
+                               rngs=rngs)
+    self.project_bn = BatchNorm(spec.out_channels, dtype=dtype, rngs=rngs,
+                                **bn_kw)
+
+  def __call__(self, x, *, training, groups):
+    h = x
+    if self.expand_conv is not None:
+      h = jax.nn.silu(self.expand_bn(self.expand_conv(h), training=training,
+                                     groups=groups))
+    h = jax.nn.silu(self.dw_bn(self.dw_conv(h), training=training,
+                               groups=groups))
+    if self.se is not None:
+      h = self.se(h)
+    # No activation after the projection BN (linear bottleneck).
+    return self.project_bn(self.project_conv(h), training=training,
+                           groups=groups)
+
+
+class FusedMBConv(nnx.Module):
+  """k x k conv (expand) -> [SE] -> 1x1 project; e=1 is one conv+BN+SiLU."""
+
+  def __init__(self, spec: arch_lib.BlockSpec, *, bn_kw, dtype,
+               depthwise_impl, rngs):
+    del depthwise_impl
+    self.spec = spec
+    single = spec.expand_ratio == 1
+    width = spec.out_channels if single else spec.mid_channels
+    self.fused_conv = Conv2D(spec.in_channels, width, spec.kernel_size,
+                             spec.stride, dtype=dtype, rngs=rngs)
+    self.fused_bn = BatchNorm(width, dtype=dtype, rngs=rngs, **bn_kw)
+    self.se = (SqueezeExcite(width, spec.se_channels, dtype=dtype, rngs=rngs)
+               if spec.se_channels else None)
+    if single:
+      self.project_conv = self.project_bn = None
+    else:
+      self.project_conv = Conv2D(width, spec.out_channels, 1, dtype=dtype,
+                                 rngs=rngs)
+      self.project_bn = BatchNorm(spec.out_channels, dtype=dtype, rngs=rngs,
+                                  **bn_kw)
+
+  def __call__(self, x, *, training, groups):
+    h = jax.nn.silu(self.fused_bn(self.fused_conv(x), training=training,
+                                  groups=groups))
+    if self.se is not None:
+      h = self.se(h)
+    if self.project_conv is not None:
+      h = self.project_bn(self.project_conv(h), training=training,
+                          groups=groups)
+    return h
+
+
+class Head(nnx.Module):
+  """1x1 conv to the head width, BN, SiLU, mean-pool, dropout, classifier."""
+
+  def __init__(self, cin, width, num_classes, *, bn_kw, dtype, rngs):
+    self.conv = Conv2D(cin, width, 1, dtype=dtype, rngs=rngs)
+    self.bn = BatchNorm(width, dtype=dtype, rngs=rngs, **bn_kw)
+    limit = 1.0 / float(num_classes) ** 0.5
+
+    def uniform_fan_out(key, shape, dtype=jnp.float32):
+      return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    self.classifier = nnx.Linear(width, num_classes, dtype=jnp.float32,
+                                 kernel_init=uniform_fan_out, rngs=rngs)
+
+
+class EfficientNetV2(nnx.Module):
+  """The EfficientNetV2 network for one `Architecture`.
+
+  Dropout and stochastic-depth rates are call-time settings so progressive
+  learning changes them per stage without touching the parameters.
+  """
+
+  def __init__(self, architecture: arch_lib.Architecture,
+               num_classes: int = 1000, *, dropout_rate: float | None = None,
+               drop_path_rate: float = 0.2, bn_momentum: float = 0.9,
+               bn_epsilon: float = 1e-3, dtype: Any = jnp.float32,
+               depthwise_impl: str = 'auto', rngs: nnx.Rngs):
+    if num_classes < 1:
+      raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+    for name, rate in (('dropout_rate', dropout_rate),
+                       ('drop_path_rate', drop_path_rate)):
+      if rate is not None and not 0 <= rate < 1:
+        raise ValueError(f'{name} must be in [0, 1), got {rate}')
+    self.architecture = architecture
+    self.num_classes = num_classes
+    self.dropout_rate = (architecture.dropout_rate if dropout_rate is None
+                         else dropout_rate)
+    self.drop_path_rate = drop_path_rate
+    bn_kw = dict(momentum=bn_momentum, epsilon=bn_epsilon)
+    stem = architecture.stem_channels
+    self.stem = _ConvBN(3, stem, 3, 2, bn_kw=bn_kw, dtype=dtype, rngs=rngs)
+    stages = architecture.stage_blocks(drop_path_rate=1.0)
+    # Per block: (stage index, depth fraction i/N); survival = 1 - rate * i/N.
+    self.block_positions = tuple(
+        (s, 1.0 - spec.survival_prob)
+        for s, blocks in enumerate(stages) for spec in blocks)
+    blocks = []
+    for stage in stages:
+      for spec in stage:
+        cls = FusedMBConv if spec.fused else MBConv
+        blocks.append(cls(spec, bn_kw=bn_kw, dtype=dtype,
+                          depthwise_impl=depthwise_impl, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.head = Head(stages[-1][-1].out_channels, architecture.head_width,
+                     num_classes, bn_kw=bn_kw, dtype=dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, x, *, training: bool = False, rng=None,
+               dropout_rate=None, drop_path_rate=None, bn_groups: int = 1,
+               return_features: bool = False):
+    """Logits [B, num_classes] in float32 for images x [B, H, W, 3].
+
+    Args:
+      x: NHWC images, already normalised.
+      training: batch statistics (and their running update), dropout and
+        stochastic depth; otherwise running statistics and identities.
+      rng: PRNG key, required when training with a non-zero rate.
+      dropout_rate, drop_path_rate: override the construction-time rates.
+      bn_groups: number of equal batch groups with separate BN moments.
+      return_features: also return a dict of intermediate tensors.
+    """
+    dropout_rate = self.dropout_rate if dropout_rate is None else dropout_rate
+    drop_path_rate = (self.drop_path_rate if drop_path_rate is None
+                      else drop_path_rate)
+    stochastic = training and rng is not None
+    if training and rng is None and (_nonzero(dropout_rate) or
+                                     _nonzero(drop_path_rate)):
+      raise ValueError('training with dropout or stochastic depth needs rng=')
+    features = {}
+    h = self.stem(x, training=training, groups=bn_groups)
+    features['stem'] = h
+    for i, (block, (stage, depth)) in enumerate(
+        zip(self.blocks, self.block_positions)):
+      out = block(h, training=training, groups=bn_groups)
+      if block.spec.has_residual:
+        if stochastic and depth > 0:
+          out = drop_path(out, 1.0 - drop_path_rate * depth,
+                          jax.random.fold_in(rng, i))
+        out = out + h
+      h = out
+      last_of_stage = (i + 1 == len(self.block_positions) or
+                       self.block_positions[i + 1][0] != stage)
+      if last_of_stage:
+        features[f'stage{stage + 1}'] = h
+    head = self.head
+    h = jax.nn.silu(head.bn(head.conv(h), training=training, groups=bn_groups))
+    features['head'] = h
+    pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+    features['pre_logits'] = pooled
+    if stochastic:
+      keep = 1.0 - dropout_rate
+      mask = jax.random.bernoulli(jax.random.fold_in(rng, len(self.blocks)), keep,
+                                  pooled.shape)
+      pooled = jnp.where(mask, pooled / keep, 0.0)
+    logits = head.classifier(pooled).astype(jnp.float32)
+    if return_features:
+      return logits, features
+    return logits
+
+
+def _nonzero(rate) -> bool:
+  return not (isinstance(rate, (int, float)) and rate == 0)
+
+
+def create_model(architecture: str | arch_lib.Architecture | Mapping,
+                 num_classes: int = 1000, *, rngs: nnx.Rngs | int = 0,
+                 **kwargs) -> EfficientNetV2:
+  """Builds a model from a variant name, an `Architecture` or its dict."""
+  if isinstance(architecture, str):
+    architecture = arch_lib.get_architecture(architecture)
+  elif isinstance(architecture, Mapping):
+    architecture = arch_lib.Architecture.from_dict(architecture)
+  elif not isinstance(architecture, arch_lib.Architecture):
+    raise TypeError(
+        'architecture must be a variant name, an Architecture or its dict, '
+        f'got {type(architecture).__name__}')
+  if isinstance(rngs, int):
+    rngs = nnx.Rngs(params=rngs)
+  return EfficientNetV2(architecture, num_classes, rngs=rngs, **kwargs)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Trainable parameters (BN running statistics excluded)."""
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
