@@ -27,6 +27,8 @@ CORE = [
     'scikit-learn==1.9.1',
     'matplotlib==3.11.2',
     'tqdm==4.70.1',
+    # `tfds build` (the command our not-prepared errors name) imports it.
+    'importlib_resources==7.1.0',
 ]
 
 REFERENCE = [
