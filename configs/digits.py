@@ -1,0 +1,54 @@
+r"""Quickstart: a small EfficientNetV2 on scikit-learn's 8x8 digits, on a CPU.
+
+    python -m effnetv2_jax.main --config=configs/digits.py --workdir=/tmp/digits
+
+No download: the 1,797 digits ship with scikit-learn (1,437 train / 360
+test). The network is EfficientNetV2-S at a quarter of its width and depth
+(12 blocks, a 128-wide head); the recipe is the paper's, shrunk: 4
+progressive stages with image size 16 -> 32 px, translation augmentation 5 ->
+10 (up to 1 -> 4 px shifts) and dropout 0.05 -> 0.2, TF1 RMSProp, label
+smoothing 0.1, EMA, stochastic depth.
+
+What you will see: one progress line per 20 steps, the stage changes with
+their compile times, an eval line after each stage (top-1 of the raw and
+EMA weights on the 360 test digits), and at the end `summary.json` and
+`curves.png` in the workdir. Expected: about 98% test top-1 after the last
+stage, in under 5 minutes on a 2-core CPU (the stage compiles are a good
+part of that; a second run with the same --config.compilation_cache_dir
+skips them).
+"""
+
+from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.training import recipes
+
+DIGITS_ARCH = arch_lib.scaled(
+    arch_lib.get_architecture('s'), width=0.25, depth=0.25,
+    head_channels=128, name='s_digits').replace(
+        train_size=32, eval_size=32, dropout_rate=0.2)
+
+
+def get_config(arg=None):
+  del arg
+  c = recipes.base_config()
+  c.experiment = 'digits_quickstart'
+  c.model.arch = DIGITS_ARCH.to_dict()
+  c.data.dataset = 'digits'
+  c.data.augment = 'digits'
+  c.train.epochs = 30.0
+  c.train.batch_size = 64
+  c.schedule.lr_per_256 = 0.064
+  c.schedule.kind = 'cosine'
+  c.schedule.warmup_epochs = 2.0
+  c.ema.decay = 0.999
+  c.progressive.preset = 'paper'
+  c.progressive.num_stages = 4
+  c.progressive.size_rule = 'linear'
+  c.progressive.min_image_size = 16
+  c.progressive.max_image_size = 32
+  c.progressive.randaug_magnitude = (5.0, 10.0)
+  c.progressive.dropout_rate = (0.05, 0.2)
+  c.eval.batch_size = 360
+  c.eval.every_steps = 0
+  c.checkpoint.every_steps = 200
+  c.log_every_steps = 20
+  return c

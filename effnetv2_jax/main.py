@@ -1,0 +1,66 @@
+r"""Command-line entry point: train (or resume) one experiment.
+
+    python -m effnetv2_jax.main --config=configs/digits.py --workdir=/tmp/digits
+    python -m effnetv2_jax.main --config=configs/imagenet.py:s,official \
+        --workdir=gs://bucket/effnetv2-s --config.data.data_dir=gs://bucket/tfds
+
+Any config key can be overridden with --config.<key>=<value>. Restarting with
+the same --workdir resumes from its latest checkpoint.
+"""
+
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, optionally with :<argument>.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, metrics and summary.json.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False,
+    'Call jax.distributed.initialize() (one process per host of a pod).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# Exit status after a SIGTERM checkpoint, so a scheduler restarts the job.
+_PREEMPTED_EXIT = 143
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  # tf.data must not claim the accelerators JAX trains on.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (ValueError, RuntimeError):  # no such device type in this build
+      pass
+  import jax  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    # Multi-host TPU slices: one process per host, coordinated by JAX.
+    jax.distributed.initialize()
+  logging.getLogger().setLevel(logging.INFO)
+  from effnetv2_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    _, summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (trainer.ConfigError, trainer.NonFiniteLossError) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2 if isinstance(e, trainer.ConfigError) else 3)
+  if summary['status'] == 'preempted':
+    sys.exit(_PREEMPTED_EXIT)
+  final = summary.get('eval') or {}
+  if final:
+    print(f'final eval: top-1 {100 * final["top1"]:.2f}%'
+          + (f' (EMA {100 * final["ema_top1"]:.2f}%)' if 'ema_top1' in final
+             else '')
+          + f'; summary in {os.path.join(_WORKDIR.value, "summary.json")}')
+
+
+if __name__ == '__main__':
+  app.run(main)

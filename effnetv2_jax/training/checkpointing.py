@@ -1,0 +1,217 @@
+"""Checkpoints: orbax CheckpointManager for resume, and pretrained loading.
+
+A checkpoint step directory holds two items:
+  state: the whole `TrainState` (sharded arrays written by every host),
+  meta:  JSON with the stage being trained, how many batches of it were
+         consumed (the data iterator resumes there exactly), the finished
+         stages' results and the step.
+orbax writes into a temporary directory and renames it on commit, so a job
+killed mid-save leaves the previous checkpoint intact and the partial one is
+ignored (and cleaned up) on restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+_ITEMS = ('state', 'meta')
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with our two items."""
+
+  def __init__(self, directory: str, *, keep: int = 3,
+               asynchronous: bool = True):
+    self.directory = os.path.abspath(directory) if '://' not in directory \
+        else directory
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=asynchronous)
+    self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS,
+                                          options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, meta: Mapping[str, Any]) -> None:
+    """Starts an (asynchronous) save; returns once the arrays are copied."""
+    self._manager.save(
+        int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(dict(meta))), force=True)
+
+  def restore(self, step: int, target) -> tuple[Any, dict]:
+    """Restores into `target` (ShapeDtypeStructs with shardings)."""
+    restored = self._manager.restore(
+        int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            meta=ocp.args.JsonRestore()))
+    return restored.state, dict(restored.meta)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning from a pretrained or converted checkpoint.
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What `load_pretrained` did, leaf by leaf ('/'-joined paths)."""
+
+  source: str
+  used_ema: bool
+  loaded: list[str]
+  reinitialised: list[str]  # in the model, but missing or a different shape
+  unused: list[str]  # in the checkpoint, not in the model
+
+  def describe(self) -> str:
+    lines = [f'loaded {len(self.loaded)} arrays from {self.source} '
+             f'({"EMA" if self.used_ema else "raw"} weights)']
+    if self.reinitialised:
+      lines.append(f'kept the fresh initialisation of {len(self.reinitialised)}: '
+                   + ', '.join(self.reinitialised))
+    if self.unused:
+      lines.append(f'ignored {len(self.unused)} checkpoint arrays: '
+                   + ', '.join(self.unused[:20])
+                   + (' ...' if len(self.unused) > 20 else ''))
+    return '\n'.join(lines)
+
+
+def _key_name(entry) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def flatten(tree) -> dict[str, Any]:
+  """{'blocks/0/dw_conv/kernel': array, ...}; int and str keys alike."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [_key_name(p) for p in path]
+    if names and names[-1] == 'value':  # nnx.Variable leaves
+      names = names[:-1]
+    flat['/'.join(names)] = leaf
+  return flat
+
+
+def _subtree(raw: Mapping[str, Any], *names: str):
+  for name in names:
+    if isinstance(raw, Mapping) and name in raw and raw[name] is not None:
+      return raw[name]
+  return None
+
+
+def read_pretrained(path: str, prefer_ema: bool = True
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                               bool]:
+  """Reads (params, batch_stats) flat dicts from a checkpoint path.
+
+  Accepts a model directory (`effnetv2_jax.models.weights`: converted or
+  exported weights), a training workdir (its latest checkpoint), a
+  `checkpoints/` directory, one step directory, an orbax PyTree directory
+  whose top level
+  has `params` / `batch_stats` (and optionally `ema_params` /
+  `ema_batch_stats`), or an `.npz` file with '/'-joined keys prefixed by
+  `params/` and `batch_stats/` (and optionally `ema_`).
+  """
+  from effnetv2_jax.models import weights  # pylint: disable=g-import-not-at-top
+  if weights.is_model_dir(path):  # a converted or exported model directory
+    _, params, batch_stats = weights.load_variables(path)
+    to_numpy = lambda t: {k: np.asarray(v) for k, v in flatten(t).items()}
+    return to_numpy(params), to_numpy(batch_stats), False
+  if path.endswith('.npz'):
+    with np.load(path) as data:
+      raw: dict[str, Any] = {}
+      for key in data.files:
+        group, _, rest = key.partition('/')
+        raw.setdefault(group, {})[rest] = data[key]
+  else:
+    directory = path
+    if os.path.isdir(os.path.join(directory, 'checkpoints')):
+      directory = os.path.join(directory, 'checkpoints')
+    steps = [d for d in os.listdir(directory) if d.isdigit()] \
+        if os.path.isdir(directory) else []
+    if steps:
+      directory = os.path.join(directory, max(steps, key=int))
+    if os.path.isdir(os.path.join(directory, 'state')):
+      directory = os.path.join(directory, 'state')
+    raw = ocp.StandardCheckpointer().restore(os.path.abspath(directory))
+    if not isinstance(raw, Mapping):  # a dataclass-shaped tree
+      raw = {f.name: getattr(raw, f.name) for f in dataclasses.fields(raw)}
+  used_ema = False
+  params = batch_stats = None
+  if prefer_ema:
+    params = _subtree(raw, 'ema_params')
+    batch_stats = _subtree(raw, 'ema_batch_stats')
+    used_ema = params is not None
+  if params is None:
+    params = _subtree(raw, 'params')
+    batch_stats = _subtree(raw, 'batch_stats')
+  if params is None:
+    raise ValueError(
+        f'init_from.path={path!r}: no params (or ema_params) found; top-level '
+        f'keys are {sorted(raw) if isinstance(raw, Mapping) else type(raw)}')
+  to_numpy = lambda t: {k: np.asarray(v) for k, v in flatten(t).items()}
+  return to_numpy(params), to_numpy(batch_stats or {}), used_ema
+
+
+def merge_pretrained(target, source: Mapping[str, np.ndarray]
+                     ) -> tuple[Any, list[str], list[str], list[str]]:
+  """Replaces target leaves by same-path, same-shape source arrays.
+
+  Returns (merged tree, loaded, reinitialised, unused). A leaf whose shape
+  differs (the classifier when num_classes changes) keeps its target value.
+  """
+  loaded, reinit = [], []
+  used = set()
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  out = []
+  for path, leaf in paths_leaves:
+    names = [_key_name(p) for p in path]
+    key = '/'.join(names)
+    value = source.get(key)
+    if value is not None and tuple(value.shape) == tuple(leaf.shape):
+      out.append(np.asarray(value, dtype=leaf.dtype))
+      loaded.append(key)
+      used.add(key)
+    else:
+      out.append(leaf)
+      reinit.append(key)
+      if value is not None:
+        used.add(key)
+  unused = sorted(set(source) - used)
+  return jax.tree_util.tree_unflatten(treedef, out), loaded, reinit, unused
+
+
+def load_pretrained(path: str, params, batch_stats, *, prefer_ema: bool = True
+                    ) -> tuple[Any, Any, LoadReport]:
+  """Fills `params` / `batch_stats` (host trees) from a checkpoint at `path`."""
+  src_params, src_stats, used_ema = read_pretrained(path, prefer_ema)
+  new_params, loaded_p, reinit_p, unused_p = merge_pretrained(params,
+                                                              src_params)
+  new_stats, loaded_s, reinit_s, unused_s = merge_pretrained(batch_stats,
+                                                             src_stats)
+  report = LoadReport(
+      source=path, used_ema=used_ema,
+      loaded=loaded_p + ['batch_stats/' + k for k in loaded_s],
+      reinitialised=reinit_p + ['batch_stats/' + k for k in reinit_s],
+      unused=unused_p + ['batch_stats/' + k for k in unused_s])
+  logging.info('%s', report.describe())
+  return new_params, new_stats, report

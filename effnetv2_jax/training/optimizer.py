@@ -1,0 +1,144 @@
+"""TF1 RMSProp (the official optimizer) and the L2 regulariser, as optax.
+
+The official recipe trains with `tf.compat.v1.train.RMSPropOptimizer`, whose
+semantics differ from optax's `rmsprop` in where the learning rate enters:
+
+    ms  <- decay * ms + (1 - decay) * g**2          (ms starts at 1, not 0)
+    mom <- momentum * mom + lr * g / sqrt(ms + eps)   (eps inside the sqrt)
+    w   <- w - mom
+
+Because the learning rate is multiplied in *before* the momentum
+accumulation, a decaying schedule leaves the momentum buffer holding updates
+scaled by older (larger) rates; an optax `rmsprop -> trace -> scale(lr)` chain
+rescales the whole buffer by the current rate instead. The two agree only for
+a constant rate, which the official schedule never is.
+
+This module is importable without tensorflow or ml_collections: NAS drivers
+and benchmarks build optimizers from plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+class TF1RMSPropState(NamedTuple):
+  count: jax.Array  # int32 scalar: number of updates applied so far
+  ms: Any  # mean-square accumulator, starts at `initial_ms`
+  mom: Any  # momentum buffer, already scaled by the learning rate
+
+
+def tf1_rmsprop(learning_rate: float | Schedule, *, decay: float = 0.9,
+                momentum: float = 0.9, epsilon: float = 1e-3,
+                initial_ms: float = 1.0) -> optax.GradientTransformation:
+  """`tf.compat.v1.train.RMSPropOptimizer` as an optax transformation.
+
+  Args:
+    learning_rate: a constant, or a schedule called with the update count
+      (0 on the first update), like optax schedules.
+    decay: discount of the mean-square accumulator (TF `decay`, optax `decay`).
+    momentum: momentum of the learning-rate-scaled update.
+    epsilon: added to the mean square *inside* the square root.
+    initial_ms: initial value of the mean-square slot; TF1 uses 1.0, which
+      keeps the first updates small instead of dividing by sqrt(eps).
+
+  Returns:
+    A transformation whose updates are to be *added* to the parameters
+    (`optax.apply_updates`); they already carry the minus sign.
+  """
+
+  def init_fn(params):
+    return TF1RMSPropState(
+        count=jnp.zeros([], jnp.int32),
+        ms=jax.tree.map(lambda p: jnp.full_like(p, initial_ms), params),
+        mom=jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    ms = jax.tree.map(lambda s, g: decay * s + (1.0 - decay) * jnp.square(g),
+                      state.ms, updates)
+    mom = jax.tree.map(
+        lambda m, g, s: momentum * m + lr * g * jax.lax.rsqrt(s + epsilon),
+        state.mom, updates, ms)
+    new_updates = jax.tree.map(jnp.negative, mom)
+    return new_updates, TF1RMSPropState(
+        count=optax.safe_increment(state.count), ms=ms, mom=mom)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def l2_mask(params) -> Any:
+  """True for convolution and dense kernels, False for BN scale/bias and biases.
+
+  The official regex excludes `.*(bias|gamma|beta).*`; with our module names
+  every remaining trainable variable is a leaf called `kernel`.
+  """
+
+  def is_kernel(path, _):
+    last = path[-1]
+    name = getattr(last, 'key', getattr(last, 'name', None))
+    return name == 'kernel'
+
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def l2_loss(params, weight_decay: float) -> jax.Array:
+  """`weight_decay * sum(w**2) / 2` over the kernels (what TF adds to the loss)."""
+  mask = l2_mask(params)
+  leaves = [jnp.sum(jnp.square(p)) for p, m in
+            zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+  total = sum(leaves) if leaves else jnp.zeros([])
+  return 0.5 * weight_decay * total
+
+
+def build(learning_rate: float | Schedule, *, name: str = 'rmsprop_tf1',
+          weight_decay: float = 1e-5, decay: float = 0.9,
+          momentum: float = 0.9, epsilon: float = 1e-3,
+          **unused: Any) -> optax.GradientTransformation:
+  """The optimizer of a config: L2 on kernels, then the named update rule.
+
+  The L2 term enters as its gradient `weight_decay * w` added before the
+  update rule, which is exactly what adding `weight_decay/2 * |w|^2` to the
+  loss does (so it goes through RMSProp's normalisation, as in TF; it is not
+  decoupled weight decay).
+
+  Args:
+    learning_rate: constant or schedule of the update count.
+    name: 'rmsprop_tf1' (official), 'momentum' (SGD + heavy ball, TF1 style
+      lr inside the buffer is not needed there) or 'adamw' (L2 above still
+      applies; adamw's own decoupled decay is off).
+    weight_decay: L2 coefficient; 0 disables it.
+    decay, momentum, epsilon: update-rule hyperparameters (RMSProp; momentum
+      is also used by 'momentum', and by 'adamw' as b1).
+    **unused: other config keys (ignored, so a config block can be splatted).
+  """
+  del unused
+  if name == 'rmsprop_tf1':
+    rule = tf1_rmsprop(learning_rate, decay=decay, momentum=momentum,
+                       epsilon=epsilon)
+  elif name == 'momentum':
+    rule = optax.sgd(learning_rate, momentum=momentum)
+  elif name == 'adamw':
+    rule = optax.adamw(learning_rate, b1=momentum, eps=epsilon,
+                       weight_decay=0.0)
+  else:
+    raise ValueError(
+        f"optimizer.name must be 'rmsprop_tf1', 'momentum' or 'adamw', "
+        f'got {name!r}')
+  # With weight_decay=0 this adds nothing but keeps the state layout, so a
+  # checkpoint restores whether or not L2 is on.
+  return optax.chain(optax.add_decayed_weights(weight_decay, l2_mask), rule)
+
+
+def build_from_config(opt_config: Mapping[str, Any],
+                      learning_rate: float | Schedule
+                      ) -> optax.GradientTransformation:
+  """`build` with the keys of a config's `optimizer` block."""
+  return build(learning_rate, **dict(opt_config))

@@ -1,0 +1,199 @@
+"""What a run shows and leaves behind: progress lines, clu metrics, summary.json,
+and a plot of the curves.
+
+Scalars go three ways: clu metric writers (TensorBoard event files plus log
+lines), a `metrics.jsonl` mirror in the workdir (the plot and notebooks read
+it; one JSON object per write), and, on a terminal, a tqdm bar. Only process
+0 writes files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+PLOT_FILE = 'curves.png'
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds) or seconds < 0:
+    return '?'
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  if minutes:
+    return f'{minutes}m{secs:02d}s'
+  return f'{secs}s'
+
+
+def progress_line(*, stage: int, num_stages: int, step: int, total_steps: int,
+                  images_per_sec: float, eta_s: float, loss: float,
+                  learning_rate: float) -> str:
+  """One human-readable line per log interval."""
+  return (f'stage {stage}/{num_stages} | step {step}/{total_steps} '
+          f'| {images_per_sec:,.0f} img/s | ETA {format_duration(eta_s)} '
+          f'| loss {loss:.4f} | lr {learning_rate:.4g}')
+
+
+class Reporter:
+  """Writes scalars everywhere they belong; owns the progress bar."""
+
+  def __init__(self, workdir: str, *, total_steps: int, progress_bar: str,
+               start_step: int = 0):
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self.workdir = workdir
+    self.is_main = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=not self.is_main, asynchronous=True)
+    # metrics.jsonl is rewritten whole (GCS objects cannot be appended to);
+    # a resumed run starts from what the killed one had flushed.
+    self._records = _read_records(workdir) if self.is_main else []
+    self._unflushed = 0
+    show_bar = (progress_bar == 'on' or
+                (progress_bar == 'auto' and sys.stderr.isatty()))
+    self._bar = None
+    if show_bar and self.is_main:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total_steps, initial=start_step, unit='step',
+                       dynamic_ncols=True, leave=True)
+
+  def scalars(self, step: int, kind: str, values: Mapping[str, float]) -> None:
+    prefixed = {f'{kind}/{k}': v for k, v in values.items()}
+    self.writer.write_scalars(step, prefixed)
+    if self.is_main:
+      record = {'step': int(step), 'kind': kind, 'time': time.time()}
+      record.update({k: float(v) for k, v in values.items()})
+      self._records.append(record)
+      self._unflushed += 1
+      if kind != 'train' or self._unflushed >= 50:
+        self.flush()
+
+  def flush(self) -> None:
+    self.writer.flush()
+    if self.is_main and self._unflushed:
+      _write_text(os.path.join(self.workdir, METRICS_FILE),
+                  ''.join(json.dumps(r) + '\n' for r in self._records))
+      self._unflushed = 0
+
+  def hparams(self, flat: Mapping[str, Any]) -> None:
+    self.writer.write_hparams(dict(flat))
+
+  def text(self, line: str) -> None:
+    """A progress line: through the bar when there is one, else logging."""
+    if self._bar is not None:
+      self._bar.write(line)
+    logging.info('%s', line)
+
+  def advance(self, step: int, description: str | None = None) -> None:
+    if self._bar is not None:
+      self._bar.n = step
+      if description:
+        self._bar.set_description(description, refresh=False)
+      self._bar.refresh()
+
+  def close(self) -> None:
+    self.flush()
+    self.writer.close()
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _path(path: str):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path)
+
+
+def _write_text(path: str, text: str) -> None:
+  """Writes a whole file via a temporary name, so readers never see half."""
+  tmp = _path(path + '.tmp')
+  tmp.write_text(text)
+  tmp.replace(_path(path))
+
+
+def _read_records(workdir: str) -> list[dict]:
+  path = _path(os.path.join(workdir, METRICS_FILE))
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:  # a line cut by a kill
+      continue
+  return records
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """metrics.jsonl records; where a resumed run repeated a step, the latest."""
+  latest: dict[tuple[str, int], dict] = {}
+  for record in _read_records(workdir):
+    latest[(record['kind'], record['step'])] = record
+  return sorted(latest.values(), key=lambda r: (r['step'], r['kind']))
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
+  path = os.path.join(workdir, SUMMARY_FILE)
+  _write_text(path, json.dumps(summary, indent=2, sort_keys=True,
+                               default=float))
+  return path
+
+
+def plot_curves(workdir: str, stage_boundaries: Sequence[tuple[int, int]],
+                title: str = '') -> str | None:
+  """PNG of train loss and eval top-1 against the step, stages marked.
+
+  Args:
+    workdir: holds metrics.jsonl; the PNG is written next to it.
+    stage_boundaries: (start step, image size) of each stage.
+    title: figure title (the experiment name).
+  """
+  records = read_metrics(workdir)
+  train = [r for r in records if r['kind'] == 'train' and 'loss' in r]
+  evals = [r for r in records if r['kind'] == 'eval']
+  if not train and not evals:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  if train:
+    ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train],
+                 label='train loss')
+  ax_loss.set_xlabel('step')
+  ax_loss.set_ylabel('cross-entropy')
+  for key, label in (('top1', 'top-1'), ('ema_top1', 'top-1 (EMA)')):
+    points = [(r['step'], 100 * r[key]) for r in evals if key in r]
+    if points:
+      ax_acc.plot(*zip(*points), marker='o', label=label)
+  ax_acc.set_xlabel('step')
+  ax_acc.set_ylabel('eval top-1 (%)')
+  for ax in (ax_loss, ax_acc):
+    for start, size in stage_boundaries:
+      ax.axvline(start, color='grey', linestyle=':', linewidth=1)
+      ax.annotate(f'{size}px', (start, 1.0), xycoords=('data', 'axes fraction'),
+                  fontsize=8, color='grey', va='top', ha='left')
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(loc='best')
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  plt.close(fig)
+  path = os.path.join(workdir, PLOT_FILE)
+  _path(path).write_bytes(buffer.getvalue())
+  return path

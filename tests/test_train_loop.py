@@ -1,0 +1,357 @@
+"""The training loop end to end: outputs, exact resume, failures, fine-tuning.
+
+Runs use configs/tiny.py (a 4k-parameter network, a few steps) on 8 fake CPU
+devices, and share one persistent compilation cache, so after the first run
+the stage steps load from it (which the resume test also checks).
+"""
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+
+from effnetv2_jax.training import checkpointing
+from effnetv2_jax.training import config_checks
+from effnetv2_jax.training import progressive
+from effnetv2_jax.training import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, 'configs', 'tiny.py')
+
+
+def _tiny_config(arg=None, **overrides):
+  spec = importlib.util.spec_from_file_location('tiny_config', TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('jax_cache'))
+
+
+# ----------------------------------------------------------- config checks --
+
+
+@pytest.mark.parametrize('overrides, key', [
+    ({'model.arch': 's9'}, 'config.model.arch'),
+    ({'data.dataset': 'mnist_typo'}, 'config.data.dataset'),
+    ({'train.batch_size': 12}, 'config.train.batch_size'),
+    ({'eval.image_size': 20}, 'config.eval.image_size'),
+    ({'progressive.dropout_rate': (0.1, 1.2)}, 'config.progressive.dropout_rate'),
+    ({'init_from.required': True}, 'config.init_from.path'),
+    ({'mesh.model': 3}, 'config.mesh.model'),
+    ({'model.bn_replicas_per_group': 3}, 'config.model.bn_replicas_per_group'),
+    ({'schedule.kind': 'linear'}, 'config.schedule.kind'),
+])
+def test_invalid_config_fails_at_start_naming_the_key(tmp_path, overrides,
+                                                      key):
+  config = _tiny_config(**overrides)
+  with pytest.raises(config_checks.ConfigError) as error:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert key in str(error.value)
+  assert '\n' not in str(error.value)
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  config = _tiny_config()
+  config.train.batchsize = 64  # a typo for batch_size
+  with pytest.raises(config_checks.ConfigError, match='train.batchsize'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+# ---------------------------------------------------------------- end to end --
+
+
+class _RecordingPlanner:
+  """The linear plan, but stage 2's dropout is set from stage 1's outputs.
+
+  Stands in for the adaptive controller: it must see the finished stages'
+  train and eval metrics.
+  """
+
+  def __init__(self, plan):
+    self._linear = progressive.LinearStagePlanner(plan)
+    self.total_steps = self._linear.total_steps
+    self.num_stages = self._linear.num_stages
+    self.seen = []
+
+  def next_stage(self, history):
+    self.seen.append([dict(h.train_metrics) for h in history])
+    stage = self._linear.next_stage(history)
+    if stage is not None and history:
+      loss = history[-1].train_metrics['loss']
+      stage = progressive.StageSettings(
+          **dict(stage.to_dict(), dropout_rate=min(0.5, loss / 10)))
+    return stage
+
+
+class _NoMockFs:
+  """Stands in for tfds' MockFs inside `mock_data`'s `as_dataset`.
+
+  MockFs redirects every file access of the *process* while it is active;
+  the input pipeline calls `as_dataset` on a background thread, so our
+  checkpoint and compilation-cache writes on other threads would land in
+  its temporary directory. Without it, `as_dataset` only needs the mocked
+  data directory to exist, which the test creates.
+  """
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def add_file(self, *args, **kwargs):
+    del args, kwargs
+
+
+@contextlib.contextmanager
+def _mock_tfds(data_dir, names, num_examples):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-at-top
+  for name in names:
+    version = str(tfds.builder_cls(name).VERSION)
+    os.makedirs(os.path.join(data_dir, name, version), exist_ok=True)
+  with tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir), \
+      mock.patch.object(mocking.test_utils, 'MockFs', _NoMockFs):
+    yield
+
+
+def test_end_to_end_under_tfds_mock_data(tmp_path, cache_dir):
+  config = _tiny_config('cifar10', compilation_cache_dir=cache_dir)
+  plan = progressive.plan_stages(
+      num_stages=2, epochs=0, total_steps=8, num_train_examples=20,
+      batch_size=16, min_image_size=16, max_image_size=24,
+      randaug_magnitude=(0, 0), dropout_rate=(0.0, 0.1))
+  planner = _RecordingPlanner(plan)
+  with _mock_tfds(str(tmp_path / 'tfds'), ['cifar10'], num_examples=20):
+    state, summary = trainer.train_and_evaluate(config, str(tmp_path / 'run'),
+                                                planner=planner)
+  assert summary['status'] == 'completed'
+  assert summary['final_step'] == int(state.step) == 8
+  for key in ('top1', 'top5', 'loss', 'ema_top1', 'ema_top5', 'ema_loss'):
+    assert np.isfinite(summary['eval'][key])
+  assert 0 <= summary['eval']['top1'] <= summary['eval']['top5'] <= 1
+  assert [s['settings']['image_size'] for s in summary['stages']] == [16, 24]
+  for stage in summary['stages']:
+    assert stage['wall_time_s'] > 0 and stage['images_per_sec'] > 0
+    assert stage['compile_time_s'] > 0
+    assert np.isfinite(stage['train_metrics']['loss'])
+  assert summary['mean_step_time_s'] > 0
+  # The planner saw stage 1's metrics and its choice was used.
+  assert planner.seen[1][0]['loss'] > 0
+  assert summary['stages'][1]['settings']['dropout_rate'] == pytest.approx(
+      min(0.5, summary['stages'][0]['train_metrics']['loss'] / 10))
+
+  run = tmp_path / 'run'
+  written = json.loads((run / 'summary.json').read_text())
+  assert written['eval'] == pytest.approx(summary['eval'])
+  assert (run / 'curves.png').stat().st_size > 1000
+  assert any(name.startswith('events.out.tfevents')
+             for name in os.listdir(run))
+  records = [json.loads(line) for line in
+             (run / 'metrics.jsonl').read_text().splitlines()]
+  assert {'train', 'eval', 'compile'} <= {r['kind'] for r in records}
+  ckpt = checkpointing.Checkpointer(str(run / 'checkpoints'))
+  assert ckpt.latest_step() == 8
+  ckpt.close()
+
+
+# ------------------------------------------------------------ exact resume --
+
+RESUME_OVERRIDES = {'train.total_steps': 40, 'log_every_steps': 1,
+                    'checkpoint.every_steps': 2, 'checkpoint.keep': 20}
+
+
+def _resume_config(cache_dir):
+  return _tiny_config(compilation_cache_dir=cache_dir, **RESUME_OVERRIDES)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, cache_dir):
+  """An uninterrupted 40-step tiny run: (state, summary, workdir)."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  state, summary = trainer.train_and_evaluate(_resume_config(cache_dir),
+                                              workdir)
+  return state, summary, workdir
+
+
+def _committed_steps(workdir):
+  # orbax writes into a temporary name and renames it to the step number.
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def _when_checkpoint(workdir, after_step, action, is_running, timeout=300):
+  """Calls `action()` once a checkpoint at or after `after_step` exists."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and is_running():
+    steps = _committed_steps(workdir)
+    if steps and steps[-1] >= after_step:
+      action()
+      return True
+    time.sleep(0.02)
+  return False
+
+
+def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(
+    tmp_path, cache_dir, reference):
+  ref_state, ref_summary, _ = reference
+  assert ref_summary['final_step'] == 40
+  workdir = str(tmp_path / 'interrupted')
+
+  # 1. A preemption notice (SIGTERM) mid stage 1, in this process: the loop
+  #    writes a checkpoint and returns.
+  running = threading.Event()
+  running.set()
+  watcher = threading.Thread(target=_when_checkpoint, args=(
+      workdir, 6, lambda: os.kill(os.getpid(), signal.SIGTERM),
+      running.is_set))
+  watcher.start()
+  try:
+    _, summary = trainer.train_and_evaluate(_resume_config(cache_dir),
+                                            workdir)
+  finally:
+    running.clear()
+    watcher.join()
+  assert summary['status'] == 'preempted'
+  assert 6 <= summary['final_step'] < 20
+  assert _committed_steps(workdir)[-1] == summary['final_step']
+
+  # 2. The command-line job, killed hard (SIGKILL) mid stage 2, wherever it
+  #    is (possibly mid-save).
+  command = [sys.executable, '-m', 'effnetv2_jax.main', f'--config={TINY}',
+             f'--workdir={workdir}',
+             f'--config.compilation_cache_dir={cache_dir}'] + [
+                 f'--config.{k}={v}' for k, v in RESUME_OVERRIDES.items()]
+  with open(tmp_path / 'job.log', 'w') as log:  # a pipe could fill and block
+    job = subprocess.Popen(command, cwd=REPO, stdout=log,
+                           stderr=subprocess.STDOUT)
+  killed = _when_checkpoint(workdir, 26, job.kill,
+                            lambda: job.poll() is None)
+  job.wait(timeout=60)
+  assert killed, (f'the job ended (rc {job.returncode}) before the kill:\n'
+                  + (tmp_path / 'job.log').read_text()[-3000:])
+  assert job.returncode == -signal.SIGKILL
+  assert 26 <= _committed_steps(workdir)[-1] < 40
+
+  # 3. Resume to the end: the same weights, bit for bit.
+  resumed, summary = trainer.train_and_evaluate(_resume_config(cache_dir),
+                                                workdir)
+  assert summary['final_step'] == 40
+  for name in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats',
+               'opt_state', 'rng'):
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(
+            jax.device_get(getattr(ref_state, name)))[0],
+        jax.tree.leaves(jax.device_get(getattr(resumed, name)))):
+      np.testing.assert_array_equal(a, b, err_msg=f'{name}{path}')
+  for key in ('top1', 'top5', 'loss', 'ema_top1', 'ema_top5', 'ema_loss'):
+    assert summary['eval'][key] == ref_summary['eval'][key], key
+  # The resumed run loaded its stage's step from the persistent cache.
+  assert summary['stages'][-1]['compile_cache_hit']
+
+
+# ---------------------------------------------------------------- NaN guard --
+
+
+def test_nan_loss_stops_with_step_and_stage_and_keeps_good_checkpoint(
+    tmp_path, cache_dir, monkeypatch):
+  from effnetv2_jax import data  # pylint: disable=g-import-not-at-top
+  real = data.make_train_iterator
+
+  def poisoned(*args, **kwargs):
+    iterator = real(*args, **kwargs)
+    if kwargs['image_size'] != 24:  # only stage 2
+      return iterator
+
+    def batches():
+      for index, batch in enumerate(iterator, start=kwargs['start_batch']):
+        if index == 2:  # global step 4 + 2 + 1 = 7
+          batch = dict(batch, image=batch['image'] * np.nan)
+        yield batch
+    return batches()
+
+  monkeypatch.setattr(data, 'make_train_iterator', poisoned)
+  config = _tiny_config(compilation_cache_dir=cache_dir)
+  with pytest.raises(trainer.NonFiniteLossError) as error:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  assert 'at step 7' in message and 'stage 2/2' in message
+  assert 'last good checkpoint is step 6' in message
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
+  assert ckpt.latest_step() == 6
+  ckpt.close()
+  raw = checkpointing.read_pretrained(str(tmp_path), prefer_ema=False)[0]
+  assert all(np.isfinite(v).all() for v in raw.values())
+
+
+# -------------------------------------------------------------- fine-tuning --
+
+
+def test_load_pretrained_prefers_ema_and_reinitialises_a_new_head(tmp_path):
+  target = {'stem': {'conv': {'kernel': np.zeros((3, 3, 3, 8), np.float32)}},
+            'head': {'classifier': {'kernel': np.zeros((32, 10), np.float32),
+                                    'bias': np.zeros(10, np.float32)}}}
+  stats = {'stem': {'bn': {'mean': np.zeros(8, np.float32)}}}
+  np.savez(tmp_path / 'pretrained.npz', **{
+      'params/stem/conv/kernel': np.full((3, 3, 3, 8), 1.0, np.float32),
+      'ema_params/stem/conv/kernel': np.full((3, 3, 3, 8), 2.0, np.float32),
+      'ema_params/head/classifier/kernel': np.ones((32, 7), np.float32),
+      'ema_params/head/classifier/bias': np.ones(7, np.float32),
+      'ema_params/extra/kernel': np.ones(3, np.float32),
+      'ema_batch_stats/stem/bn/mean': np.full(8, 3.0, np.float32)})
+  params, batch_stats, report = checkpointing.load_pretrained(
+      str(tmp_path / 'pretrained.npz'), target, stats)
+  assert report.used_ema
+  np.testing.assert_array_equal(params['stem']['conv']['kernel'], 2.0)
+  np.testing.assert_array_equal(batch_stats['stem']['bn']['mean'], 3.0)
+  np.testing.assert_array_equal(params['head']['classifier']['kernel'], 0.0)
+  assert set(report.reinitialised) == {'head/classifier/kernel',
+                                       'head/classifier/bias'}
+  assert report.unused == ['extra/kernel']
+  assert 'head/classifier/kernel' in report.describe()
+
+
+def test_fine_tuning_starts_from_a_training_workdir(tmp_path, cache_dir,
+                                                    reference, capsys):
+  pretrained, _, source = reference
+  config = _tiny_config(compilation_cache_dir=cache_dir,
+                        **{'train.total_steps': 2,
+                           'progressive.num_stages': 1,
+                           'init_from.path': source,
+                           'init_from.required': True,
+                           'schedule.lr_per_256': 1e-9})
+  state, summary = trainer.train_and_evaluate(config, str(tmp_path / 'ft'))
+  assert summary['init_from']['used_ema']
+  assert summary['init_from']['reinitialised'] == []
+  assert 'loaded' in capsys.readouterr().out
+  # A learning rate of 1e-9 leaves the weights where the EMA put them.
+  expected = jax.device_get(pretrained.ema_params['stem']['conv']['kernel'])
+  np.testing.assert_allclose(
+      jax.device_get(state.params['stem']['conv']['kernel']), expected,
+      atol=1e-6)
+  assert np.abs(expected - jax.device_get(
+      pretrained.params['stem']['conv']['kernel'])).max() > 1e-6
