@@ -6,6 +6,7 @@ TPU/GPU). BatchNorm statistics are always computed in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -74,28 +75,84 @@ def resolve_depthwise_impl(impl: str) -> str:
   return impl
 
 
-def depthwise_conv_shifted(x, kernel, stride: int):
-  """Depthwise conv as k*k strided slices times per-channel weights.
+def _strided_taps(x, kh: int, kw: int, stride: int, out_h: int, out_w: int):
+  """Yields (i, j, x[:, i::stride, j::stride, :]) cut to out_h x out_w."""
+  for i in range(kh):
+    for j in range(kw):
+      yield i, j, jax.lax.slice(
+          x, (0, i, j, 0),
+          (x.shape[0], i + (out_h - 1) * stride + 1,
+           j + (out_w - 1) * stride + 1, x.shape[3]),
+          (1, stride, stride, 1))
 
-  Same result as `feature_group_count=C` with TF-'SAME' padding. `kernel` has
-  the Flax depthwise layout (kh, kw, 1, C).
-  """
+
+def _shifted_forward(x, kernel, stride: int):
   kh, kw = kernel.shape[:2]
   _, h, w, _ = x.shape
   ph, pw = same_padding(h, kh, stride), same_padding(w, kw, stride)
   x = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
   out_h, out_w = -(-h // stride), -(-w // stride)
   y = None
-  for i in range(kh):
-    for j in range(kw):
-      tap = jax.lax.slice(
-          x, (0, i, j, 0),
-          (x.shape[0], i + (out_h - 1) * stride + 1,
-           j + (out_w - 1) * stride + 1, x.shape[3]),
-          (1, stride, stride, 1))
-      term = tap * kernel[i, j, 0]
-      y = term if y is None else y + term
+  for i, j, tap in _strided_taps(x, kh, kw, stride, out_h, out_w):
+    term = tap * kernel[i, j, 0]
+    y = term if y is None else y + term
   return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv_shifted(x, kernel, stride: int):
+  """Depthwise conv as k*k strided slices times per-channel weights.
+
+  Same result as `feature_group_count=C` with TF-'SAME' padding. `kernel` has
+  the Flax depthwise layout (kh, kw, 1, C). The backward pass is written out:
+  differentiating the slices would pad every tap's gradient back to the full
+  input (k*k full-size writes, the slowest part of a CPU train step); here the
+  input gradient is the same shifted sum over the stride-dilated output
+  gradient with the kernel flipped, and the kernel gradient k*k reductions.
+  """
+  return _shifted_forward(x, kernel, stride)
+
+
+def _shifted_fwd(x, kernel, stride):
+  return _shifted_forward(x, kernel, stride), (x, kernel)
+
+
+def _shifted_bwd(stride, residuals, dy):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  _, h, w, _ = x.shape
+  out_h, out_w = dy.shape[1:3]
+  ph, pw = same_padding(h, kh, stride), same_padding(w, kw, stride)
+  # dx[a] = sum_i dy_dilated[a + p0 - i] * k[i]: dilate dy by the stride and
+  # pad (or crop, when negative) it so that a stride-1 correlation with the
+  # flipped kernel lands exactly on the unpadded input positions.
+  def config(size, out, k, pad):
+    low = k - 1 - pad[0]
+    return (low, size + k - 1 - low - ((out - 1) * stride + 1), stride - 1)
+  dy_wide = jax.lax.pad(
+      dy, jnp.zeros((), dy.dtype),
+      ((0, 0, 0), config(h, out_h, kh, ph), config(w, out_w, kw, pw),
+       (0, 0, 0)))
+  dx = None
+  for i, j, tap in _strided_taps(dy_wide, kh, kw, 1, h, w):
+    term = tap * kernel[kh - 1 - i, kw - 1 - j, 0]
+    dx = term if dx is None else dx + term
+  x_pad = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  dk = jnp.stack([
+      jnp.sum(tap.astype(jnp.float32) * dy.astype(jnp.float32),
+              axis=(0, 1, 2))
+      for _, _, tap in _strided_taps(x_pad, kh, kw, stride, out_h, out_w)])
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+depthwise_conv_shifted.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+def depthwise_conv_xla(x, kernel, stride: int):
+  """The same depthwise convolution as one grouped XLA convolution."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), 'SAME',
+      dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=x.shape[-1])
 
 
 class DepthwiseConv2D(nnx.Module):
@@ -115,10 +172,103 @@ class DepthwiseConv2D(nnx.Module):
     kernel = self.kernel[...].astype(self.dtype)
     if resolve_depthwise_impl(self.impl) == 'shifted':
       return depthwise_conv_shifted(x, kernel, self.stride)
-    return jax.lax.conv_general_dilated(
-        x, kernel, (self.stride, self.stride), 'SAME',
-        dimension_numbers=_DIMENSION_NUMBERS,
-        feature_group_count=x.shape[-1])
+    return depthwise_conv_xla(x, kernel, self.stride)
+
+
+_ACTIVATIONS = {None: None, 'silu': jax.nn.silu}
+
+
+def _check_activation(activation):
+  if activation not in _ACTIVATIONS:
+    raise ValueError(f'activation must be one of {sorted(map(str, _ACTIVATIONS))}'
+                     f', got {activation!r}')
+  return _ACTIVATIONS[activation]
+
+
+def _group_moments(x, groups: int):
+  """x as float32 [groups, batch/groups, ..., C], its mean and variance."""
+  x32 = x.astype(jnp.float32)
+  grouped = x32.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+  axes = tuple(range(1, grouped.ndim - 1))
+  mean = grouped.mean(axes, keepdims=True)
+  # E[x^2] - E[x]^2 as the official TPU BN; clipped against cancellation.
+  var = jnp.maximum(
+      jnp.square(grouped).mean(axes, keepdims=True) - jnp.square(mean), 0.)
+  return grouped, axes, mean, var
+
+
+def batch_norm_train_reference(x, scale, bias, groups: int, epsilon: float,
+                               activation, out_dtype):
+  """Training-mode BN (+ activation) left to autodiff: the definition.
+
+  Returns (out, mean, var), the moments per group as [groups, C]. The output
+  is cast to `out_dtype` before the activation, which runs in that dtype.
+  """
+  act = _check_activation(activation)
+  grouped, _, mean, var = _group_moments(x, groups)
+  inv = jax.lax.rsqrt(var + epsilon) * scale
+  y = ((grouped - mean) * inv + bias).reshape(x.shape).astype(out_dtype)
+  return (act(y) if act else y), mean.reshape(groups, -1), var.reshape(
+      groups, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def batch_norm_train(x, scale, bias, groups: int, epsilon: float, activation,
+                     out_dtype):
+  """`batch_norm_train_reference` with its backward pass written out.
+
+  Autodiff of the moments formula leaves XLA several reductions per layer,
+  and with an activation it keeps the normalised tensor alive for the
+  backward pass. Here the forward saves only the input; the backward
+  recomputes the normalised values and needs two reductions (sum of dy and of
+  dy * x_hat, one fused pass) and one elementwise pass. Same forward values;
+  the gradient is the exact gradient of the same function.
+  """
+  return batch_norm_train_reference(x, scale, bias, groups, epsilon,
+                                    activation, out_dtype)
+
+
+def _bn_fwd(x, scale, bias, groups, epsilon, activation, out_dtype):
+  act = _check_activation(activation)
+  grouped, _, mean, var = _group_moments(x, groups)
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = ((grouped - mean) * (inv * scale) + bias).reshape(x.shape).astype(
+      out_dtype)
+  out = act(y) if act else y
+  return ((out, mean.reshape(groups, -1), var.reshape(groups, -1)),
+          (x, scale, bias, mean, inv))
+
+
+def _bn_bwd(groups, epsilon, activation, out_dtype, residuals, cotangents):
+  del epsilon
+  x, scale, bias, mean, inv = residuals
+  d_out, d_mean, d_var = cotangents
+  grouped = x.astype(jnp.float32).reshape(
+      (groups, x.shape[0] // groups) + x.shape[1:])
+  axes = tuple(range(1, grouped.ndim - 1))
+  count = math.prod(grouped.shape[1:-1])
+  x_hat = (grouped - mean) * inv
+  dy = d_out.astype(jnp.float32).reshape(grouped.shape)
+  if activation == 'silu':
+    # silu'(y) = s (1 + y (1 - s)), s = sigmoid(y), at the y the forward
+    # pass fed to the activation (cast to out_dtype and back).
+    y = (x_hat * scale + bias).astype(out_dtype).astype(jnp.float32)
+    sig = jax.nn.sigmoid(y)
+    dy = dy * (sig * (1 + y * (1 - sig)))
+  sum_dy = dy.sum(axes, keepdims=True)
+  sum_dy_xhat = (dy * x_hat).sum(axes, keepdims=True)
+  dx = (scale * inv) * (dy - (sum_dy + x_hat * sum_dy_xhat) / count)
+  # The returned moments feed only the running statistics; their cotangents
+  # are zeros in training, but keep the derivative exact anyway.
+  dx = dx + (d_mean.reshape(mean.shape)
+             + 2 * d_var.reshape(mean.shape) * (grouped - mean)) / count
+  d_scale = sum_dy_xhat.reshape(groups, -1).sum(0)
+  d_bias = sum_dy.reshape(groups, -1).sum(0)
+  return (dx.reshape(x.shape).astype(x.dtype), d_scale.astype(scale.dtype),
+          d_bias.astype(bias.dtype))
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
 class BatchNorm(nnx.Module):
@@ -129,6 +279,10 @@ class BatchNorm(nnx.Module):
   the data axis, a group of N replicas' examples is one group, which is the
   official TPU BatchNorm (`num_shards_per_group`). The running statistics are
   updated with the moments averaged over groups.
+
+  `activation='silu'` applies SiLU after the normalisation, to the output in
+  the compute dtype, exactly as `jax.nn.silu(bn(x))` would; in training the
+  pair then shares one backward pass and saves one tensor fewer.
   """
 
   def __init__(self, channels: int, *, momentum: float = 0.9,
@@ -142,29 +296,24 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(jnp.zeros((channels,)))
     self.var = nnx.BatchStat(jnp.ones((channels,)))
 
-  def __call__(self, x, *, training: bool, groups: int = 1):
-    x32 = x.astype(jnp.float32)
+  def __call__(self, x, *, training: bool, groups: int = 1, activation=None):
+    act = _check_activation(activation)
     if training:
-      batch = x32.shape[0]
+      batch = x.shape[0]
       if batch % groups:
         raise ValueError(
             f'BatchNorm groups={groups} does not divide the batch {batch}')
-      grouped = x32.reshape((groups, batch // groups) + x32.shape[1:])
-      axes = tuple(range(1, grouped.ndim - 1))
-      mean = grouped.mean(axes, keepdims=True)
-      # E[x^2] - E[x]^2 as the official TPU BN; clipped against cancellation.
-      var = jnp.maximum(
-          jnp.square(grouped).mean(axes, keepdims=True) - jnp.square(mean), 0.)
+      y, mean, var = batch_norm_train(
+          x, self.scale[...], self.bias[...], groups, self.epsilon,
+          activation, jnp.dtype(self.dtype))
       m = self.momentum
-      self.mean[...] = m * self.mean[...] + (1 - m) * mean.mean(0).reshape(-1)
-      self.var[...] = m * self.var[...] + (1 - m) * var.mean(0).reshape(-1)
-      inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-      y = (grouped - mean) * inv + self.bias[...]
-      y = y.reshape(x32.shape)
-    else:
-      inv = jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
-      y = x32 * inv + (self.bias[...] - self.mean[...] * inv)
-    return y.astype(self.dtype)
+      self.mean[...] = m * self.mean[...] + (1 - m) * mean.mean(0)
+      self.var[...] = m * self.var[...] + (1 - m) * var.mean(0)
+      return y
+    inv = jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
+    y = x.astype(jnp.float32) * inv + (self.bias[...] - self.mean[...] * inv)
+    y = y.astype(self.dtype)
+    return act(y) if act else y
 
 
 class SqueezeExcite(nnx.Module):

@@ -1,0 +1,193 @@
+"""Train-step and inference images/s: ours against timm and keras, side by side.
+
+For each (variant, image size, mode) every implementation runs the same batch,
+image size, compute dtype and thread count, after warm-up (compiles and
+autotuning excluded), and the table gives median images/s, the spread over
+the timed samples, and ours / theirs. On a GPU it also gives model FLOP
+utilisation: FLOPs from the architecture (benchmarks/macs.py; 6 x MACs per
+trained image, 2 x per inferred one) over the measured bf16 matmul peak.
+
+  python -m benchmarks.throughput                      # S and B0, 128/224/300
+  python -m benchmarks.throughput --variant s --size 300 --batch 128 --mode train
+  python -m benchmarks.throughput --quick --json       # seconds; rows as JSON
+
+Implementations (--impls): ours (effnetv2_jax), ours-xla-dw (ours with XLA's
+depthwise convolution), timm (tf_efficientnetv2_*, eager, channels_last),
+timm-compile (the same under torch.compile), timm-native (timm's
+PyTorch-padding efficientnetv2_*, where it exists) and keras
+(keras.applications, inference only). References that are not installed are
+listed as unavailable, not failed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ''):  # run as a file: make `benchmarks` importable
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import harness  # noqa: E402
+
+DEFAULT_IMPLS = ('ours', 'timm', 'timm-compile', 'keras')
+ALL_IMPLS = ('ours', 'ours-xla-dw', 'timm', 'timm-compile', 'timm-native',
+             'keras')
+
+
+def parse_args(argv=None):
+  parser = harness.base_parser(__doc__.splitlines()[0])
+  parser.add_argument('--impls', nargs='+', choices=ALL_IMPLS, default=None,
+                      help=f'implementations (default {" ".join(DEFAULT_IMPLS)})')
+  parser.add_argument('--warmup', type=int, default=None,
+                      help='untimed steps first (the first one compiles)')
+  parser.add_argument('--steps-per-sample', type=int, default=None,
+                      help='steps per timed sample (default 1 on CPU, 10 on '
+                           'GPU, where one host sync per step would show)')
+  args = parser.parse_args(argv)
+  if args.quick:
+    # Ours on a two-block model (a full model's train step takes a minute to
+    # compile on 2 cores); name a real variant to exercise the references.
+    args.variant = args.variant or ['micro']
+    args.size = args.size or [32]
+    args.batch = args.batch or 2
+    args.mode = args.mode or ['infer', 'train']
+    args.repeats = args.repeats or 2
+    args.warmup = args.warmup or 1
+    args.steps_per_sample = args.steps_per_sample or 1
+    args.impls = args.impls or ['ours', 'timm']
+  args.variant = args.variant or ['s', 'b0']
+  args.size = args.size or [128, 224, 300]
+  args.mode = args.mode or ['train', 'infer']
+  args.impls = args.impls or list(DEFAULT_IMPLS)
+  args.warmup = args.warmup or 3
+  return args
+
+
+_NATIVE_TIMM = {'s': 'efficientnetv2_s', 'm': 'efficientnetv2_m',
+                'l': 'efficientnetv2_l', 'xl': 'efficientnetv2_xl'}
+
+
+def _make_runner(impl, variant, size, batch, mode, dtype, threads):
+  from benchmarks import workloads
+  if impl in ('ours', 'ours-xla-dw'):
+    return workloads.jax_runner(
+        impl, workloads.architecture_for(variant), size=size, batch=batch,
+        mode=mode, dtype=dtype,
+        depthwise_impl='xla' if impl == 'ours-xla-dw' else 'auto')
+  if impl.startswith('timm'):
+    return workloads.torch_runner(
+        impl, variant, size=size, batch=batch, mode=mode, dtype=dtype,
+        threads=threads, compiled=impl == 'timm-compile',
+        timm_name=_NATIVE_TIMM.get(variant) if impl == 'timm-native' else None)
+  if impl == 'keras':
+    return workloads.keras_runner(impl, variant, size=size, batch=batch,
+                                  dtype=dtype, threads=threads)
+  raise ValueError(impl)
+
+
+def _skip_reason(impl, variant, mode) -> str | None:
+  """Why `impl` cannot run this row here, or None."""
+  from benchmarks import workloads
+  if variant in workloads.SMALL_MODELS and not impl.startswith('ours'):
+    return f'{variant} is ours only'
+  if impl.startswith('timm') and not workloads.torch_available():
+    return 'torch/timm not installed'
+  if impl == 'timm-compile':
+    ok, why = workloads.torch_compile_available()
+    if not ok:
+      return why
+  if impl == 'timm-native' and variant not in _NATIVE_TIMM:
+    return f'timm has no native {variant}'
+  if impl == 'keras':
+    if mode != 'infer':
+      return 'inference only'
+    ok, why = workloads.keras_available()
+    if not ok:
+      return why
+    if not workloads.keras_supports(variant):
+      return f'no keras {variant}'
+  return None
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  threads = harness.setup_process(args.threads)
+  import jax  # after setup_process: XLA reads threads and flags at start-up
+  from benchmarks import macs, workloads
+
+  backend = jax.default_backend()
+  on_cpu = backend == 'cpu'
+  dtype = workloads.resolve_dtype(args.dtype, backend)
+  device = jax.devices()[0].device_kind
+  repeats = args.repeats or (7 if on_cpu else 20)
+  steps_per_sample = args.steps_per_sample or (1 if on_cpu else 10)
+  peak = workloads.measure_matmul_peak()
+
+  rows = []
+  for variant in args.variant:
+    architecture = workloads.architecture_for(variant)
+    for size in args.size:
+      batch = args.batch or (8 if on_cpu else 128)
+      for mode in args.mode:
+        runners, skipped = [], {}
+        for impl in args.impls:
+          why = _skip_reason(impl, variant, mode)
+          if why:
+            skipped[impl] = why
+            continue
+          harness.eprint(f'[{variant} {size}px b{batch} {mode}] building {impl}')
+          try:
+            runners.append(_make_runner(impl, variant, size, batch, mode,
+                                        dtype, threads))
+          except Exception as e:  # noqa: BLE001 - reported in the table
+            skipped[impl] = f'failed: {type(e).__name__}: {str(e)[:80]}'
+        harness.eprint(f'[{variant} {size}px b{batch} {mode}] timing '
+                       + ', '.join(r.name for r in runners))
+        timings = harness.time_runners(
+            runners, warmup=args.warmup, repeats=repeats,
+            steps_per_sample=steps_per_sample, interleave=on_cpu)
+        flops = (macs.train_flops(architecture, size) if mode == 'train'
+                 else macs.inference_flops(architecture, size))
+        ours = timings.get('ours')
+        ours_rate = (harness.summarize(ours['samples'], batch)['img_s_median']
+                     if ours else None)
+        for impl in args.impls:
+          row = dict(variant=variant, image_size=size, batch=batch, mode=mode,
+                     impl=impl, dtype=dtype, device=device)
+          if impl in timings:
+            t = timings[impl]
+            row.update(harness.summarize(t['samples'], batch))
+            row['first_step_s'] = t['first_step_s']
+            if ours_rate:
+              row['ours_vs_this'] = ours_rate / row['img_s_median']
+            if peak:
+              row['mfu'] = flops * row['img_s_median'] / peak
+          else:
+            row['img_s_median'] = None
+            row['note'] = skipped.get(impl, '')
+          rows.append(row)
+
+  env = harness.environment(threads)
+  env['compute_dtype'] = dtype
+  if peak:
+    env['bf16_matmul_peak_TFLOPs'] = round(peak / 1e12, 1)
+  columns = [('variant', 'variant'), ('image_size', 'px'), ('batch', 'batch'),
+             ('mode', 'mode'), ('impl', 'impl'), ('dtype', 'dtype'),
+             ('img_s_median', 'img/s median'), ('img_s_min', 'min'),
+             ('img_s_max', 'max'), ('ours_vs_this', 'ours / this'),
+             ('first_step_s', 'first step s')]
+  if peak:
+    columns.append(('mfu', 'MFU'))
+  columns.append(('note', 'note'))
+  notes = ('img/s: median over timed samples; min/max: slowest and fastest '
+           'sample. ours / this > 1 means ours is faster.')
+  if peak:
+    notes += (' MFU: architecture FLOPs (6 x MACs per trained image, 2 x per '
+              'inferred one) x img/s / measured bf16 matmul peak.')
+  harness.report('throughput', env, harness.markdown_table(rows, columns),
+                 args, rows, notes)
+  return rows
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,130 @@
+"""The benchmark scripts run (--quick) and print well-formed rows.
+
+Timings are never asserted: only that every script finishes, that its JSON
+rows carry the documented fields with sane types, and the arithmetic behind
+the tables (MACs, schedules, summaries).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import harness, macs, progressive
+from benchmarks import compile as compile_bench
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {'variant', 'image_size', 'batch', 'mode', 'impl', 'dtype',
+            'device', 'img_s_median'}
+
+
+@pytest.fixture(scope='module')
+def script_env(tmp_path_factory):
+  env = dict(os.environ)
+  # One compilation cache for the three scripts: they compile the same small
+  # train step, so later scripts reuse it and the module stays fast.
+  env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jaxcache'))
+  env.pop('XLA_FLAGS', None)  # conftest's 8 fake devices are for other tests
+  env.pop('CUDA_VISIBLE_DEVICES', None)
+  env['PYTHONPATH'] = str(ROOT)
+  return env
+
+
+def _run(script, args, env):
+  proc = subprocess.run(
+      [sys.executable, '-m', f'benchmarks.{script}', '--quick', '--json',
+       '--no-results', *args], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in proc.stdout.splitlines()
+          if line.startswith('{')]
+  assert rows, proc.stdout[-2000:]
+  # The human-readable report goes to stderr under --json.
+  assert '| ' in proc.stderr and 'jax: ' in proc.stderr
+  return rows
+
+
+def test_throughput_quick_rows(script_env):
+  rows = _run('throughput', [], script_env)
+  assert {(r['mode'], r['impl']) for r in rows} == {
+      ('train', 'ours'), ('infer', 'ours'), ('train', 'timm'),
+      ('infer', 'timm')}
+  for r in rows:
+    assert ROW_KEYS <= set(r)
+    assert (r['variant'], r['image_size'], r['batch']) == ('micro', 32, 2)
+    if r['impl'] == 'ours':
+      assert r['img_s_min'] <= r['img_s_median'] <= r['img_s_max']
+      assert r['img_s_median'] > 0 and r['ours_vs_this'] == 1.0
+    else:  # no timm model of our micro test network
+      assert r['img_s_median'] is None and 'ours only' in r['note']
+
+
+def test_throughput_quick_references(script_env):
+  rows = _run('throughput', ['--variant', 'b0', '--impls', 'timm', 'keras'],
+              script_env)
+  by_key = {(r['mode'], r['impl']): r for r in rows}
+  assert set(by_key) == {('train', 'timm'), ('infer', 'timm'),
+                         ('train', 'keras'), ('infer', 'keras')}
+  assert by_key[('train', 'keras')]['note'] == 'inference only'
+  for key in (('train', 'timm'), ('infer', 'timm'), ('infer', 'keras')):
+    assert by_key[key]['img_s_median'] > 0, by_key[key]
+    assert 'ours_vs_this' not in by_key[key]  # ours was not run
+
+
+def test_compile_quick_rows(script_env):
+  rows = _run('compile', [], script_env)
+  assert [(r['scenario'], r['stage']) for r in rows] == [
+      ('cold', 1), ('cold', 2), ('cached', 1), ('cached', 2),
+      ('exported', 1), ('exported', 2)]
+  for r in rows:
+    assert r['mode'] == 'train' and r['variant'] == 'micro'
+    assert r['total_s'] >= r['compile_s'] > 0
+    assert r['peak_gib'] > 0
+  assert rows[0]['image_size'] < rows[1]['image_size']
+  # Memory depends on the program, not on how it was obtained.
+  assert rows[0]['peak_gib'] == pytest.approx(rows[2]['peak_gib'])
+  assert rows[1]['peak_gib'] == pytest.approx(rows[5]['peak_gib'], rel=0.05)
+
+
+def test_progressive_quick_rows(script_env):
+  rows = _run('progressive', [], script_env)
+  speedup = rows[-1]
+  assert speedup['run'] == 'speedup'
+  assert speedup['predicted'] > 1 and speedup['measured'] > 0
+  stages = [r for r in rows if r['run'] == 'progressive' and r['stage'] != 'all']
+  assert len(stages) == 2 and stages[0]['image_size'] < stages[1]['image_size']
+  assert sum(s['steps'] for s in stages) == 8
+  assert all(r['data'] == 'synthetic' for r in rows)
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+@pytest.mark.parametrize('variant,size,official', [
+    ('s', 300, 5.31), ('s', 384, 8.38), ('m', 480, 24.61), ('b0', 224, 0.719),
+    ('b3', 300, 3.016)])
+def test_macs_match_official_counts(variant, size, official):
+  assert macs.forward_macs(variant, size) / 1e9 == pytest.approx(official,
+                                                                 rel=3e-3)
+  assert macs.train_flops(variant, size) == 6 * macs.forward_macs(variant,
+                                                                  size)
+
+
+def test_official_stage_sizes_and_progressive_schedule():
+  assert compile_bench.stage_sizes(300, 4) == [171, 214, 257, 300]
+  assert compile_bench.stage_sizes(384, 4) == [192, 256, 320, 384]
+  plan = progressive.schedule(300, 4, 10, 128)
+  assert [s for s, _ in plan] == [171, 214, 257, 300]
+  assert sum(n for _, n in plan) == 10
+
+
+def test_summary_and_table():
+  s = harness.summarize([0.5, 0.25, 1.0], batch=8)
+  assert s['img_s_median'] == 16 and s['img_s_min'] == 8
+  assert s['img_s_max'] == 32 and s['samples'] == 3
+  table = harness.markdown_table([{'a': 1.23456, 'b': None}],
+                                 [('a', 'A'), ('b', 'B')])
+  assert table.splitlines() == ['| A | B |', '|---|---|', '| 1.23 | - |']

@@ -1,0 +1,184 @@
+"""Fast paths in models/layers.py compute what their reference paths compute.
+
+Forward values and gradients of: the shifted depthwise convolution (with its
+hand-written backward) against XLA's grouped convolution, and the training
+BatchNorm (+ SiLU) with its hand-written backward against plain autodiff;
+then a whole small model's loss gradient with the fast paths against the
+reference ones.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effnetv2_jax.models import arch, create_model, layers
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _vjp_both(fast, ref, primals, seed=3):
+  """(outputs, input cotangents) of `fast` and of `ref` for one random
+  output cotangent, all in one jitted program (faster than op by op)."""
+  out_shape = jax.eval_shape(ref, *primals)
+  leaves = jax.tree.leaves(out_shape)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  cts = jax.tree.unflatten(jax.tree.structure(out_shape), [
+      jax.random.normal(k, l.shape, jnp.float32).astype(l.dtype)
+      for k, l in zip(keys, leaves)])
+
+  @jax.jit
+  def both(primals, cts):
+    results = []
+    for fn in (fast, ref):
+      out, vjp = jax.vjp(fn, *primals)
+      results.append((out, vjp(cts)))
+    return results
+
+  return both(primals, cts)
+
+
+# ------------------------------------------------------------ depthwise
+
+
+@pytest.mark.parametrize('size,kernel,stride', [
+    ((8, 8), 3, 1), ((9, 7), 3, 2), ((10, 10), 5, 2), ((7, 7), 5, 1),
+    ((1, 1), 3, 1), ((2, 3), 3, 2)])
+def test_shifted_depthwise_matches_xla_value_and_grads(size, kernel, stride):
+  k1, k2 = jax.random.split(jax.random.key(sum(size) + kernel + stride))
+  x = jax.random.normal(k1, (2,) + size + (6,))
+  w = jax.random.normal(k2, (kernel, kernel, 1, 6))
+  fast = lambda x, w: layers.depthwise_conv_shifted(x, w, stride)
+  ref = lambda x, w: layers.depthwise_conv_xla(x, w, stride)
+  (yf, gf), (yr, gr) = _vjp_both(fast, ref, (x, w))
+  assert yf.shape == yr.shape
+  assert _rel_err(yf, yr) < 1e-6
+  assert _rel_err(gf[0], gr[0]) < 1e-6
+  assert _rel_err(gf[1], gr[1]) < 1e-6
+
+
+def test_shifted_depthwise_bfloat16_keeps_dtype_and_float32_kernel_grad():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 1, 8), jnp.bfloat16)
+  fast = lambda x, w: layers.depthwise_conv_shifted(x, w, 2)
+  ref = lambda x, w: layers.depthwise_conv_xla(x, w, 2)
+  (yf, gf), (yr, gr) = _vjp_both(fast, ref, (x, w))
+  assert yf.dtype == gf[0].dtype == gf[1].dtype == jnp.bfloat16
+  for a, b in ((yf, yr), (gf[0], gr[0]), (gf[1], gr[1])):
+    assert _rel_err(a, b) < 2e-2
+
+
+def test_auto_depthwise_is_shifted_on_cpu_and_names_are_checked():
+  assert jax.default_backend() == 'cpu'
+  assert layers.resolve_depthwise_impl('auto') == 'shifted'
+  with pytest.raises(ValueError, match='depthwise_impl'):
+    layers.resolve_depthwise_impl('fast')
+
+
+# ------------------------------------------------------------ BatchNorm
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+@pytest.mark.parametrize('activation', [None, 'silu'])
+def test_batchnorm_fast_backward_matches_autodiff(groups, activation):
+  k1, k2, k3 = jax.random.split(jax.random.key(groups), 3)
+  x = 2.0 + 3.0 * jax.random.normal(k1, (8, 5, 4, 6))
+  scale = 1.0 + 0.3 * jax.random.normal(k2, (6,))
+  bias = 0.5 * jax.random.normal(k3, (6,))
+
+  def bind(fn):
+    return lambda x, s, b: fn(x, s, b, groups, 1e-3, activation, jnp.float32)
+
+  (out_f, g_f), (out_r, g_r) = _vjp_both(
+      bind(layers.batch_norm_train), bind(layers.batch_norm_train_reference),
+      (x, scale, bias))
+  for a, b in zip(out_f, out_r):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert out_f[1].shape == (groups, 6)
+  for a, b in zip(g_f, g_r):  # x, scale, bias
+    assert a.shape == b.shape
+    assert _rel_err(a, b) < 1e-5
+
+
+def test_batchnorm_fast_backward_bfloat16():
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16), jnp.bfloat16)
+  scale, bias = jnp.full((16,), 1.5), jnp.full((16,), 0.1)
+
+  def bind(fn):
+    return lambda x, s, b: fn(x, s, b, 1, 1e-3, 'silu', jnp.bfloat16)
+
+  (out_f, g_f), (out_r, g_r) = _vjp_both(
+      bind(layers.batch_norm_train), bind(layers.batch_norm_train_reference),
+      (x, scale, bias))
+  assert out_f[0].dtype == jnp.bfloat16 and g_f[0].dtype == jnp.bfloat16
+  assert g_f[1].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out_f[0], np.float32),
+                                np.asarray(out_r[0], np.float32))
+  for a, b in zip(g_f, g_r):
+    assert _rel_err(a, b) < 2e-2
+
+
+def test_batchnorm_activation_equals_silu_after_and_rejects_unknown():
+  bn = layers.BatchNorm(6, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 3, 3, 6))
+  for training in (True, False):
+    fused = bn(x, training=training, activation='silu')
+    plain = jax.nn.silu(bn(x, training=training))
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(plain),
+                               rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='activation'):
+    bn(x, training=False, activation='relu6')
+
+
+# ------------------------------------------------------------ whole model
+
+
+# Every block kind the fast paths touch: Fused e=1, MBConv e=2 with SE, a
+# stride-2 depthwise and a residual one; small, so two compiles stay short.
+TINY = arch.Architecture(
+    name='speedpath_tiny',
+    stages=(arch.parse_block_string('r1_k3_s1_e1_i8_o8_c1'),
+            arch.parse_block_string('r2_k3_s2_e2_i8_o16_se0.25')),
+    head_channels=32)
+
+
+def _loss_and_grads(depthwise_impl, bn_fn, monkeypatch):
+  monkeypatch.setattr(layers, 'batch_norm_train', bn_fn)
+  model = create_model(TINY, 10, depthwise_impl=depthwise_impl, rngs=0)
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  x = jax.random.normal(jax.random.key(5), (4, 24, 24, 3))
+  labels = jnp.arange(4) % 10
+
+  def loss_fn(params):
+    m = nnx.merge(graphdef, params, stats, copy=True)
+    logits = m(x, training=True, dropout_rate=0.0, drop_path_rate=0.0)
+    loss = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+    return loss, nnx.state(m, nnx.BatchStat)
+
+  (loss, new_stats), grads = jax.jit(
+      jax.value_and_grad(loss_fn, has_aux=True))(params)
+  return loss, new_stats, grads
+
+
+def test_model_gradients_fast_paths_equal_reference_paths(monkeypatch):
+  fast = _loss_and_grads('shifted', layers.batch_norm_train, monkeypatch)
+  ref = _loss_and_grads('xla', layers.batch_norm_train_reference,
+                        monkeypatch)
+  np.testing.assert_allclose(float(fast[0]), float(ref[0]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(ref[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-6)
+  grads_f, grads_r = jax.tree.leaves(fast[2]), jax.tree.leaves(ref[2])
+  assert len(grads_f) == len(grads_r) > 20
+  # Float32 rounding differs through a dozen BN layers, and some leaves'
+  # exact gradient is zero (a bias right before a BN), so errors are measured
+  # against the larger of the leaf's and 1e-3 of the mean leaf's norm; a
+  # wrong formula would be off by O(1).
+  norms = [float(jnp.linalg.norm(b)) for b in grads_r]
+  floor = 1e-3 * sum(norms) / len(norms)
+  for a, b, norm in zip(grads_f, grads_r, norms):
+    assert float(jnp.linalg.norm(a - b)) <= 1e-3 * max(norm, floor)
