@@ -12,8 +12,12 @@ import logging
 import os
 import sys
 
-from absl import app
-from absl import flags
+# TensorFlow's C++ start-up banners (oneDNN, CUDA probing) are noise here.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 # With no --config the digits quickstart runs: it needs no download and
@@ -32,13 +36,29 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'Call jax.distributed.initialize() (one process per host of a pod).')
 flags.mark_flags_as_required(['workdir'])
 
+class _HideCheckpointChatter(logging.Filter):
+  """Orbax logs a dozen INFO lines per checkpoint; the progress lines drown."""
+
+  def filter(self, record):
+    return (record.levelno >= logging.WARNING or
+            f'{os.sep}orbax{os.sep}' not in record.pathname)
+
+
 # Exit status after a SIGTERM checkpoint, so a scheduler restarts the job.
 _PREEMPTED_EXIT = 143
+
+
+def _quiet_libraries() -> None:
+  """Our progress lines at INFO; orbax, clu, jax and TF only when it matters."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger('effnetv2_jax').setLevel(logging.INFO)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  _quiet_libraries()
   # tf.data must not claim the accelerators JAX trains on.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   for kind in ('GPU', 'TPU'):
@@ -50,12 +70,10 @@ def main(argv):
   if _DISTRIBUTED.value:
     # Multi-host TPU slices: one process per host, coordinated by JAX.
     jax.distributed.initialize()
-  logging.getLogger().setLevel(logging.INFO)
   from effnetv2_jax.training import trainer  # pylint: disable=g-import-not-at-top
   try:
     _, summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (trainer.ConfigError, trainer.NonFiniteLossError) as e:
-    logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2 if isinstance(e, trainer.ConfigError) else 3)
   if summary['status'] == 'preempted':
