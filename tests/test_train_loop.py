@@ -175,6 +175,11 @@ def test_end_to_end_under_tfds_mock_data(tmp_path, cache_dir):
   ckpt = checkpointing.Checkpointer(str(run / 'checkpoints'))
   assert ckpt.latest_step() == 8
   ckpt.close()
+  # The EMA weights, exported as a model directory for inference.
+  from effnetv2_jax.models import weights  # pylint: disable=g-import-not-at-top
+  assert summary['model_dir'] == str(run / 'model')
+  meta = weights.read_meta(summary['model_dir'])
+  assert meta['num_classes'] == 10 and 'EMA' in meta['source']
 
 
 # ------------------------------------------------------------ exact resume --

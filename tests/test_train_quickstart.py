@@ -7,11 +7,14 @@ with the same recipe for 10 epochs in 2 progressive stages (24 and 32 px):
 two compiles instead of four. Set EFFNETV2_FULL_QUICKSTART=1 to run the
 full configuration and check its 97% bar.
 
-Threshold of the shortened run: it measured 96-97% test top-1 (EMA weights)
-on this machine (see the report); 90% leaves room for the run-to-run spread
-of a 10-epoch run while still failing on anything broken: chance is 10%, and
-a trainer that mixes up labels, never updates BN statistics, evaluates the
-wrong weights or mis-schedules the learning rate stays far below it.
+Threshold of the shortened run: it measured 98.3% and 98.9% test top-1
+(EMA 97.8% and 98.1%) in two runs on this machine. The bar is 95% on the
+better of raw and EMA weights: 3 points below what it reaches, for the
+spread that other CPUs and XLA versions bring (different float rounding
+gives a different trajectory), while anything broken fails it: chance is
+10%, and a trainer that mixes up labels, never updates BN statistics,
+evaluates the wrong weights or mis-schedules the learning rate stays far
+below it.
 """
 
 import importlib.util
@@ -22,7 +25,7 @@ import pytest
 from effnetv2_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHORT_THRESHOLD = 0.90
+SHORT_THRESHOLD = 0.95
 FULL_THRESHOLD = 0.97
 
 
@@ -34,7 +37,7 @@ def _digits_config():
   return module.get_config()
 
 
-def test_shortened_quickstart_reaches_90_percent(tmp_path):
+def test_shortened_quickstart_reaches_95_percent(tmp_path):
   config = _digits_config()
   config.train.epochs = 10.0
   config.progressive.num_stages = 2

@@ -148,3 +148,30 @@ def test_batchnorm_moments_match_numpy(replicas_per_group):
     # Grouped moments are not the global ones (so the test can tell).
     global_var = conv.var(axis=(0, 1, 2))
     assert np.abs(0.9 + 0.1 * global_var - expected_var).max() > 1e-4
+
+
+def test_bfloat16_compute_keeps_float32_state():
+  """The TPU/GPU setting: bf16 activations, float32 weights and statistics."""
+  spec = state_lib.ModelSpec(ARCH, CLASSES, dtype=jnp.bfloat16)
+  make_opt = functools.partial(optimizer.build, weight_decay=1e-4)
+  initial = _setup()[3]  # the same weights as the float32 runs
+  step = steps.make_train_step(
+      spec.graphdef(), make_opt,
+      lr_fn=schedules.learning_rate_fn(SCHEDULE, total_epochs=1.0),
+      drop_path_rate=0.2, ema_decay=0.99)
+  hparams = dict(schedules.stage_hparams(
+      SCHEDULE, batch_size=BATCH, start_step=0, start_epoch=0.0,
+      num_train_examples=1000), dropout_rate=0.1)
+  state, metrics = jax.jit(step)(
+      initial, _batch(), {k: np.float32(v) for k, v in hparams.items()})
+  for leaf in jax.tree.leaves(state):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+  _, reference, reference_metrics = _train(1)
+  # Same step in bfloat16: close to float32, not identical.
+  assert float(metrics['loss']) == pytest.approx(
+      float(reference_metrics['loss']), rel=2e-2)
+  assert float(metrics['loss']) != float(reference_metrics['loss'])
+  kernel = np.asarray(state.params['stem']['conv']['kernel'])
+  np.testing.assert_allclose(kernel, reference.params['stem']['conv']['kernel'],
+                             atol=0.05)

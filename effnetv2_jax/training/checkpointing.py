@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
 _ITEMS = ('state', 'meta')
 
 
@@ -49,6 +51,12 @@ class Checkpointer:
         int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(dict(meta))), force=True)
+
+  def restore_meta(self, step: int) -> dict:
+    """Only the JSON item (stage, data position, history): cheap."""
+    restored = self._manager.restore(
+        int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored.meta)
 
   def restore(self, step: int, target) -> tuple[Any, dict]:
     """Restores into `target` (ShapeDtypeStructs with shardings)."""
@@ -213,5 +221,5 @@ def load_pretrained(path: str, params, batch_stats, *, prefer_ema: bool = True
       loaded=loaded_p + ['batch_stats/' + k for k in loaded_s],
       reinitialised=reinit_p + ['batch_stats/' + k for k in reinit_s],
       unused=unused_p + ['batch_stats/' + k for k in unused_s])
-  logging.info('%s', report.describe())
+  log.info('%s', report.describe())
   return new_params, new_stats, report

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
+log = logging.getLogger(__name__)
+
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
 PLOT_FILE = 'curves.png'
@@ -94,7 +96,7 @@ class Reporter:
     """A progress line: through the bar when there is one, else logging."""
     if self._bar is not None:
       self._bar.write(line)
-    logging.info('%s', line)
+    log.info('%s', line)
 
   def advance(self, step: int, description: str | None = None) -> None:
     if self._bar is not None:

@@ -6,6 +6,10 @@ training is an argument, including the stage's dropout rate and
 learning-rate numbers (`hparams`, traced scalars). So an executable depends
 on the input shapes alone: one compile per distinct (batch, image size), and
 a planner that changes only regularisation reuses it.
+
+A train step is two functions: the gradient step (forward and backward; its
+program depends on the image size) and the update step (optimizer and EMA;
+one program for the whole run). `make_train_step` composes them.
 """
 
 from __future__ import annotations
@@ -55,28 +59,21 @@ def _topk_correct(logits, labels, k: int):
   return hit.any(-1).astype(jnp.float32)
 
 
-def make_train_step(graphdef, make_optimizer: Callable, *,
-                    lr_fn: Callable, label_smoothing: float = 0.1,
-                    loss: str = 'softmax', normalize_labels: bool = False,
-                    weight_decay: float = 0.0, drop_path_rate: float = 0.2,
-                    bn_groups: int = 1, ema_decay: float = 0.9999,
-                    ema_ramp: bool = True) -> Callable:
-  """`train_step(state, batch, hparams) -> (state, metrics)`.
+def make_gradient_step(graphdef, *, label_smoothing: float = 0.1,
+                       loss: str = 'softmax', normalize_labels: bool = False,
+                       drop_path_rate: float = 0.2, bn_groups: int = 1
+                       ) -> Callable:
+  """`gradient_step(state, batch, hparams) -> (grads, batch_stats, metrics)`.
 
-  `hparams` holds traced scalars: `dropout_rate` and the learning-rate
-  numbers of `schedules.stage_hparams`.
+  The part of a train step that depends on the input shape: forward and
+  backward pass, and the BatchNorm statistics of this batch. `hparams` holds
+  traced scalars, of which this part reads `dropout_rate`.
 
   Args:
     graphdef: static graph of the model (`ModelSpec.graphdef()`).
-    make_optimizer: learning rate -> optax transformation (its state layout
-      must not depend on the rate); called inside the trace with this step's
-      rate, which is how TF1 RMSProp sees the schedule.
-    lr_fn: `lr(step, hparams)`, see `schedules.learning_rate_fn`.
     label_smoothing, loss, normalize_labels: the loss.
-    weight_decay: only to report the L2 term; the optimizer applies it.
     drop_path_rate: stochastic-depth drop rate of the last block.
     bn_groups: >1 computes BN moments over that many equal batch groups.
-    ema_decay, ema_ramp: the weight average (ignored when the state has none).
   """
 
   def loss_fn(params, batch_stats, batch, rng, dropout_rate):
@@ -94,11 +91,46 @@ def make_train_step(graphdef, make_optimizer: Callable, *,
                                   normalize_labels=normalize_labels)
     return per_example.mean(), (logits, new_batch_stats)
 
-  def train_step(state: TrainState, batch, hparams):
+  def gradient_step(state: TrainState, batch, hparams):
+    # The step number folded into the base key: a resumed run draws the
+    # same dropout and stochastic-depth masks as an uninterrupted one.
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss_value, (logits, batch_stats)), grads = grad_fn(
         state.params, state.batch_stats, batch, rng, hparams['dropout_rate'])
+    labels = batch['label']
+    metrics = {
+        'loss': loss_value,
+        # Against mixed labels this is the share of dominant-class hits.
+        'train_top1': _topk_correct(
+            logits, jax.nn.one_hot(labels.argmax(-1), labels.shape[-1]),
+            1).mean(),
+    }
+    return grads, batch_stats, metrics
+
+  return gradient_step
+
+
+def make_update_step(make_optimizer: Callable, *, lr_fn: Callable,
+                     weight_decay: float = 0.0, ema_decay: float = 0.9999,
+                     ema_ramp: bool = True) -> Callable:
+  """`update_step(state, grads, batch_stats, hparams) -> (state, metrics)`.
+
+  The part of a train step that does not depend on the input shape:
+  optimizer, weight average and step counter. Compiled once per run, not
+  once per stage; on CPU it is as costly to compile as the model's backward
+  pass (hundreds of small per-variable kernels).
+
+  Args:
+    make_optimizer: learning rate -> optax transformation (its state layout
+      must not depend on the rate); called inside the trace with this step's
+      rate, which is how TF1 RMSProp sees the schedule.
+    lr_fn: `lr(step, hparams)`, see `schedules.learning_rate_fn`.
+    weight_decay: only to report the L2 term; the optimizer applies it.
+    ema_decay, ema_ramp: the weight average (ignored when the state has none).
+  """
+
+  def update_step(state: TrainState, grads, batch_stats, hparams):
     learning_rate = lr_fn(state.step, hparams)
     tx = make_optimizer(learning_rate)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -115,17 +147,39 @@ def make_train_step(graphdef, make_optimizer: Callable, *,
         step=step, params=params, batch_stats=batch_stats,
         opt_state=opt_state, ema_params=ema_params,
         ema_batch_stats=ema_batch_stats)
-    metrics = {
-        'loss': loss_value,
-        'l2_loss': optimizer_lib.l2_loss(state.params, weight_decay),
-        'learning_rate': learning_rate,
-        'grad_norm': optax.tree.norm(grads),
-        # Against mixed labels this is the share of dominant-class hits.
-        'train_top1': _topk_correct(
-            logits, jax.nn.one_hot(batch['label'].argmax(-1),
-                                   batch['label'].shape[-1]), 1).mean(),
-    }
+    metrics = {'learning_rate': learning_rate,
+               'grad_norm': optax.tree.norm(grads)}
+    if weight_decay:
+      metrics['l2_loss'] = optimizer_lib.l2_loss(state.params, weight_decay)
     return new_state, metrics
+
+  return update_step
+
+
+def make_train_step(graphdef, make_optimizer: Callable, *, lr_fn: Callable,
+                    label_smoothing: float = 0.1, loss: str = 'softmax',
+                    normalize_labels: bool = False, weight_decay: float = 0.0,
+                    drop_path_rate: float = 0.2, bn_groups: int = 1,
+                    ema_decay: float = 0.9999, ema_ramp: bool = True
+                    ) -> Callable:
+  """`train_step(state, batch, hparams) -> (state, metrics)`: both parts.
+
+  One function for users who jit a whole step (tests, notebooks); the
+  trainer compiles the two parts separately (see `make_update_step`). The
+  arguments are those of `make_gradient_step` and `make_update_step`.
+  """
+  gradient_step = make_gradient_step(
+      graphdef, label_smoothing=label_smoothing, loss=loss,
+      normalize_labels=normalize_labels, drop_path_rate=drop_path_rate,
+      bn_groups=bn_groups)
+  update_step = make_update_step(make_optimizer, lr_fn=lr_fn,
+                                 weight_decay=weight_decay,
+                                 ema_decay=ema_decay, ema_ramp=ema_ramp)
+
+  def train_step(state: TrainState, batch, hparams):
+    grads, batch_stats, metrics = gradient_step(state, batch, hparams)
+    state, update_metrics = update_step(state, grads, batch_stats, hparams)
+    return state, dict(metrics, **update_metrics)
 
   return train_step
 

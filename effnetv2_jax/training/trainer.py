@@ -10,7 +10,10 @@ The loop, in the order it runs:
                compiled ahead of time for the stage's shape (logging compile
                time and memory before it runs); train; evaluate; checkpoint.
                Weights, optimizer state, EMA and step carry over.
-  Outputs      summary.json, curves.png, clu metrics.
+               A train step runs as two programs: the gradient step (per
+               image size) and the update step (optimizer and EMA, compiled
+               once); later stages compile in the background meanwhile.
+  Outputs      summary.json, curves.png, clu metrics, model/ (EMA weights).
 
 Exact resume: a checkpoint holds the whole state (including the base PRNG
 key; each step folds its step number in), the stage settings and how many
@@ -45,6 +48,8 @@ from effnetv2_jax.training import reporting
 from effnetv2_jax.training import schedules
 from effnetv2_jax.training import state as state_lib
 from effnetv2_jax.training import steps as steps_lib
+
+log = logging.getLogger(__name__)
 
 ConfigError = config_checks.ConfigError
 HPARAM_KEYS = ('dropout_rate', 'peak_lr', 'start_step', 'start_epoch',
@@ -186,20 +191,22 @@ class _MissCounter:
 
 
 class Compiler:
-  """Ahead-of-time compiles, keyed by shape, optionally in the background.
+  """Ahead-of-time compiles, keyed by kind and shape, in the background.
 
-  Train step: one executable per (batch size, image size); the step's
-  learning-rate numbers and dropout rate are traced arguments, so the
-  executable depends on shapes only. Eval step: one, at the eval size, used
-  for the raw and the EMA weights. `prefetch` compiles on a background
-  thread (XLA compiles outside the GIL) while a stage trains; `get` returns
-  the executable, waiting if it is not ready.
+  A train step is two programs (see `steps.make_update_step`): the gradient
+  step, one executable per (batch size, image size), and the update step,
+  one for the whole run. Their learning-rate numbers and dropout rate are
+  traced arguments, so executables depend on shapes only. The eval step is
+  one executable at the eval size, used for the raw and the EMA weights.
+  `prefetch` compiles on a background thread (XLA compiles outside the GIL)
+  while the state is initialised or a stage trains; `get` returns the
+  executable, waiting if it is not ready.
   """
 
-  def __init__(self, train_jitted, eval_jitted, target, *, batch_sharding,
+  def __init__(self, *, gradient, update, evaluate, target, batch_sharding,
                repl, num_classes: int, cache_enabled: bool):
-    self._train = train_jitted
-    self._eval = eval_jitted
+    self._jitted = {'gradient': gradient, 'update': update,
+                    'eval': evaluate}
     self._target = target
     self._batch_sharding = batch_sharding
     self._repl = repl
@@ -219,14 +226,16 @@ class Compiler:
     return batch
 
   def _lower(self, key):
-    kind, batch_size, image_size = key
-    if kind == 'train':
-      scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self._repl)
-      return self._train.lower(
-          self._target, self._batch(batch_size, image_size, False),
-          {k: scalar for k in HPARAM_KEYS})
-    return self._eval.lower(self._target.params, self._target.batch_stats,
-                            self._batch(batch_size, image_size, True))
+    kind, shape = key[0], key[1:]
+    jitted, target = self._jitted[kind], self._target
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self._repl)
+    hparams = {k: scalar for k in HPARAM_KEYS}
+    if kind == 'gradient':
+      return jitted.lower(target, self._batch(*shape, False), hparams)
+    if kind == 'update':
+      return jitted.lower(target, target.params, target.batch_stats, hparams)
+    return jitted.lower(target.params, target.batch_stats,
+                        self._batch(*shape, True))
 
   def _compile(self, key) -> Compiled:
     self._misses.take()
@@ -236,17 +245,16 @@ class Compiler:
     hit = self._cache_enabled and self._misses.take() == 0
     return Compiled(executable, seconds, memory_estimate(executable), hit)
 
-  def prefetch(self, kind: str, batch_size: int, image_size: int) -> None:
-    key = (kind, batch_size, image_size)
+  def prefetch(self, kind: str, *shape: int) -> None:
+    key = (kind,) + shape
     if key not in self._futures:
       self._futures[key] = self._pool.submit(self._compile, key)
 
-  def get(self, kind: str, batch_size: int, image_size: int
-          ) -> tuple[Compiled, float]:
-    """(compiled step, seconds this call waited for it)."""
+  def get(self, kind: str, *shape: int) -> tuple[Compiled, float]:
+    """(compiled program, seconds this call waited for it)."""
     start = time.time()
-    self.prefetch(kind, batch_size, image_size)
-    compiled = self._futures[(kind, batch_size, image_size)].result()
+    self.prefetch(kind, *shape)
+    compiled = self._futures[(kind,) + shape].result()
     return compiled, time.time() - start
 
   def close(self):
@@ -269,6 +277,25 @@ def memory_estimate(compiled) -> dict[str, int]:
     value = getattr(analysis, name, None)
     if value is not None:
       out[name] = int(value)
+  return out
+
+
+def _combined_memory(gradient: dict[str, int], update: dict[str, int]
+                     ) -> dict[str, int]:
+  """Peak-relevant sizes of the two programs of a step, run one after the other.
+
+  Arguments (state, batch) live through both; temporaries are not shared, so
+  the larger of the two counts; outputs of the gradient program (gradients
+  and statistics) are the update's arguments.
+  """
+  if not gradient or not update:
+    return gradient or update
+  out = dict(gradient)
+  out['temp_size_in_bytes'] = max(gradient.get('temp_size_in_bytes', 0),
+                                  update.get('temp_size_in_bytes', 0))
+  out['output_size_in_bytes'] = (gradient.get('output_size_in_bytes', 0) +
+                                 update.get('output_size_in_bytes', 0))
+  out['alias_size_in_bytes'] = update.get('alias_size_in_bytes', 0)
   return out
 
 
@@ -378,7 +405,7 @@ def train_and_evaluate(config, workdir: str, *,
   eval_size = config.eval.image_size or architecture.eval_size
   normalization = config.data.normalization or architecture.normalization
   bn_groups = bn_group_count(config.model.bn_replicas_per_group, data_axis)
-  logging.info('mesh %s over %d %s devices; BN moments over %s',
+  log.info('mesh %s over %d %s devices; BN moments over %s',
                dict(mesh.shape), jax.device_count(), jax.default_backend(),
                f'{bn_groups} groups' if bn_groups > 1 else 'the global batch')
 
@@ -423,60 +450,80 @@ def train_and_evaluate(config, workdir: str, *,
   history: list[progressive.StageResult] = []
   stage_reports: list[dict[str, Any]] = []  # history plus timings, memory
   resume = None  # (settings, batches consumed, wall seconds so far)
-  load_report = None
   latest = ckpt.latest_step()
   if latest is not None:
-    state, meta = ckpt.restore(latest, target)
+    meta = ckpt.restore_meta(latest)
     history = [progressive.StageResult.from_dict(h) for h in meta['history']]
     stage_reports = meta.get('reports') or [h.to_dict() for h in history]
     if meta.get('stage'):
       resume = (progressive.StageSettings.from_dict(meta['stage']),
                 int(meta['stage_batches']),
                 float(meta.get('stage_elapsed_s', 0.0)))
-    logging.info('resumed from %s step %d (%s)', ckpt.directory, latest,
-                 f'{resume[0].describe()}, batch {resume[1]}' if resume
-                 else 'between stages')
-  else:
-    state = state_lib.init_sharded(init_fn, shardings)
-    if config.init_from.path:
-      state, load_report = _init_from_pretrained(
-          state, config.init_from.path, config.init_from.prefer_ema,
-          shardings)
+
+  # The first stage's programs and the eval step compile in the
+  # background from abstract shapes while the state is initialised or
+  # restored.
+  gradient_step = steps_lib.make_gradient_step(
+      graphdef, label_smoothing=config.train.label_smoothing,
+      loss=config.train.loss,
+      normalize_labels=config.train.normalize_labels or info.multi_label,
+      drop_path_rate=config.model.drop_path_rate, bn_groups=bn_groups)
+  update_step = steps_lib.make_update_step(
+      make_optimizer,
+      lr_fn=schedules.learning_rate_fn(config.schedule,
+                                       total_epochs=plan[-1].end_epoch),
+      weight_decay=config.optimizer.weight_decay,
+      ema_decay=config.ema.decay, ema_ramp=config.ema.ramp)
+  compiler = Compiler(
+      gradient=jax.jit(
+          gradient_step, in_shardings=(shardings, batch_sharding, repl),
+          out_shardings=(shardings.params, shardings.batch_stats, repl)),
+      update=jax.jit(
+          update_step, in_shardings=(shardings, shardings.params,
+                                     shardings.batch_stats, repl),
+          out_shardings=(shardings, repl), donate_argnums=(0,)),
+      evaluate=jax.jit(
+          steps_lib.make_eval_step(graphdef),
+          in_shardings=(shardings.params, shardings.batch_stats,
+                        batch_sharding),
+          out_shardings=repl),
+      target=target, batch_sharding=batch_sharding, repl=repl,
+      num_classes=num_classes,
+      cache_enabled=bool(config.compilation_cache_dir))
+  first = resume[0] if resume else planner.next_stage(history)
+  if first is not None:
+    compiler.prefetch('gradient', first.batch_size, first.image_size)
+    compiler.prefetch('update')
+  # Needed at the first stage's end: next in the compile queue.
+  compiler.prefetch('eval', config.eval.batch_size, eval_size)
+
+  load_report = None
+  try:
+    if latest is not None:
+      state, _ = ckpt.restore(latest, target)
+      log.info('resumed from %s step %d (%s)', ckpt.directory, latest,
+               f'{resume[0].describe()}, batch {resume[1]}' if resume
+               else 'between stages')
+    else:
+      state = state_lib.init_sharded(init_fn, shardings)
+      if config.init_from.path:
+        state, load_report = _init_from_pretrained(
+            state, config.init_from.path, config.init_from.prefer_ema,
+            shardings)
+  except BaseException:
+    compiler.close()
+    ckpt.close()
+    raise
   num_params = int(sum(x.size for x in jax.tree.leaves(abstract.params)))
-  logging.info('%s: %s parameters, %d classes, %d steps in %d stages',
-               architecture.name, f'{num_params:,}', num_classes, total_steps,
-               planner.num_stages)
+  log.info('%s: %s parameters, %d classes, %d steps in %d stages',
+           architecture.name, f'{num_params:,}', num_classes, total_steps,
+           planner.num_stages)
 
   reporter = reporting.Reporter(workdir, total_steps=total_steps,
                                 progress_bar=config.progress_bar,
                                 start_step=latest or 0)
   if latest is None:
     reporter.hparams(_flatten_config(config))
-
-  train_step = steps_lib.make_train_step(
-      graphdef, make_optimizer,
-      lr_fn=schedules.learning_rate_fn(config.schedule,
-                                       total_epochs=plan[-1].end_epoch),
-      label_smoothing=config.train.label_smoothing, loss=config.train.loss,
-      normalize_labels=config.train.normalize_labels or info.multi_label,
-      weight_decay=config.optimizer.weight_decay,
-      drop_path_rate=config.model.drop_path_rate, bn_groups=bn_groups,
-      ema_decay=config.ema.decay, ema_ramp=config.ema.ramp)
-  eval_step = steps_lib.make_eval_step(graphdef)
-  compiler = Compiler(
-      jax.jit(train_step, in_shardings=(shardings, batch_sharding, repl),
-              out_shardings=(shardings, repl), donate_argnums=(0,)),
-      jax.jit(eval_step, in_shardings=(shardings.params,
-                                       shardings.batch_stats, batch_sharding),
-              out_shardings=repl),
-      target, batch_sharding=batch_sharding, repl=repl,
-      num_classes=num_classes,
-      cache_enabled=bool(config.compilation_cache_dir))
-  first = resume[0] if resume else planner.next_stage(history)
-  if first is not None:
-    compiler.prefetch('train', first.batch_size, first.image_size)
-  # Needed at the first stage's end: next in the compile queue.
-  compiler.prefetch('eval', config.eval.batch_size, eval_size)
 
   # ---- Evaluation ------------------------------------------------------------
   from effnetv2_jax import data  # pylint: disable=g-import-not-at-top
@@ -561,7 +608,8 @@ def train_and_evaluate(config, workdir: str, *,
             result.to_dict(), step_time_s=outcome['step_time_s'],
             memory=outcome['memory'],
             compile_cache_hit=outcome['compile_cache_hit'],
-            compile_wait_s=outcome['compile_wait_s']))
+            compile_wait_s=outcome['compile_wait_s'],
+            update_compile_time_s=outcome['update_compile_time_s']))
         ckpt.save(settings.end_step, state, meta_for(settings.end_step))
         settings = planner.next_stage(history)
     ckpt.wait()
@@ -592,7 +640,7 @@ def train_and_evaluate(config, workdir: str, *,
           workdir, [(r['settings']['start_step'], r['settings']['image_size'])
                     for r in stage_reports], title=config.experiment)
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('could not write the plot: %s', e)
+      log.warning('could not write the plot: %s', e)
   reporter.close()
   return state, summary
 
@@ -618,7 +666,10 @@ def _summary(config, *, status, final_step, total_steps, final_eval,
       'stages': stage_reports,
       'mean_step_time_s': mean_step_time,
       'images_per_sec': images / wall if wall else None,
-      'compile_time_s': sum(r['compile_time_s'] for r in stage_reports),
+      # Gradient programs per stage, plus the update program once.
+      'compile_time_s': (sum(r['compile_time_s'] for r in stage_reports) +
+                         max([r.get('update_compile_time_s', 0.0)
+                              for r in stage_reports] or [0.0])),
       'num_params': num_params,
       'num_classes': num_classes,
       'architecture': architecture.to_dict(),
@@ -655,7 +706,7 @@ def _export_model(state, workdir, *, architecture, num_classes, normalization,
   if jax.process_index() != 0:
     return None
   if '://' in workdir:
-    logging.info('not exporting a model directory to %s (local paths only); '
+    log.info('not exporting a model directory to %s (local paths only); '
                  'the checkpoint holds the weights', workdir)
     return None
   directory = os.path.join(workdir, 'model')
@@ -717,21 +768,25 @@ def _run_stage(ctx: _Context, settings: progressive.StageSettings, state,
       normalization=ctx.normalization, sharding=ctx.batch_sharding,
       start_batch=stage_batches)
 
-  # The step for this shape, compiled before the stage runs (maybe already
-  # in the background); then start on the next stage's shape.
-  compiled, waited = ctx.compiler.get('train', settings.batch_size,
+  # The programs for this shape, compiled before the stage runs (perhaps
+  # already, in the background); then start on the next stages' shapes.
+  compiled, waited = ctx.compiler.get('gradient', settings.batch_size,
                                       settings.image_size)
+  update, update_waited = ctx.compiler.get('update')
+  waited += update_waited
+  memory = _combined_memory(compiled.memory, update.memory)
   reporter.text(
       f'stage {settings.index + 1} step for batch {settings.batch_size} at '
       f'{settings.image_size}px: compiled in {compiled.seconds:.1f}s'
       f'{" from the persistent cache" if compiled.cache_hit else ""} '
-      f'(waited {waited:.1f}s); memory {_format_memory(compiled.memory)}')
+      f'(waited {waited:.1f}s); memory {_format_memory(memory)}')
   reporter.scalars(settings.start_step, 'compile',
                    {'seconds': compiled.seconds, 'waited_s': waited,
-                    **{k: float(v) for k, v in compiled.memory.items()}})
+                    'update_seconds': update.seconds,
+                    **{k: float(v) for k, v in memory.items()}})
   if config.compile_ahead:
     for shape in _upcoming_shapes(ctx.planner, settings.index):
-      ctx.compiler.prefetch('train', *shape)
+      ctx.compiler.prefetch('gradient', *shape)
 
   hparams = jax.device_put(
       {k: np.float32(v) for k, v in dict(
@@ -779,8 +834,10 @@ def _run_stage(ctx: _Context, settings: progressive.StageSettings, state,
 
   while step < settings.end_step:
     batch = next(train_data)
-    state, metrics = compiled.executable(state, batch, hparams)
-    pending.entries.append((step, metrics))
+    grads, batch_stats, metrics = compiled.executable(state, batch, hparams)
+    state, update_metrics = update.executable(state, grads, batch_stats,
+                                              hparams)
+    pending.entries.append((step, dict(metrics, **update_metrics)))
     pending.images += settings.batch_size
     step += 1
     stage_batches += 1
@@ -831,9 +888,10 @@ def _run_stage(ctx: _Context, settings: progressive.StageSettings, state,
       'train_metrics': last_metrics,
       'wall_time_s': wall,
       'compile_time_s': compiled.seconds,
+      'update_compile_time_s': update.seconds,
       'compile_wait_s': waited,
       'compile_cache_hit': compiled.cache_hit,
       'images_per_sec': images / max(wall, 1e-9),
       'step_time_s': train_seconds / max(1, step - first_step),
-      'memory': compiled.memory,
+      'memory': memory,
   }
