@@ -71,39 +71,45 @@ def random_batch(size: int, batch: int, seed: int) -> np.ndarray:
 
 
 def timm_reference(variant: str, batch: np.ndarray, *, seed: int = 0,
-                   branch_scale: float = BRANCH_SCALE):
+                   branch_scale: float = BRANCH_SCALE, model=None):
   """A timm `tf_efficientnetv2_<variant>` calibrated on `batch`, eval mode.
 
   The running statistics are the batch's own moments, with the biased
   variance BatchNorm normalises by in train mode (PyTorch stores the unbiased
   one), so eval mode on `batch` reproduces the train-mode forward: every BN
-  output has unit scale and nothing blows up however small the batch.
+  output has unit scale. Pass the `model` of an earlier call to re-calibrate
+  it for another batch (e.g. another input size).
   """
   import torch
-  timm = import_timm()
-  torch.manual_seed(seed)
-  model = timm.create_model(f'tf_efficientnetv2_{variant}', pretrained=False)
-  generator = torch.Generator().manual_seed(seed + 1)
-  norms = [m for m in model.modules()
-           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+  norms = None
+  if model is None:
+    timm = import_timm()
+    torch.manual_seed(seed)
+    model = timm.create_model(f'tf_efficientnetv2_{variant}',
+                              pretrained=False)
+    generator = torch.Generator().manual_seed(seed + 1)
+    norms = _timm_norms(model)
+    # The last BN of each residual branch (timm blocks with a skip).
+    branch_ends = {[m for m in block.modules() if m in set(norms)][-1]
+                   for stage in model.blocks for block in stage
+                   if getattr(block, 'has_skip', False)}
+    with torch.no_grad():
+      for bn in norms:
+        scale = branch_scale if bn in branch_ends else 1.0
+        bn.weight.copy_(scale * (1 + 0.1 * torch.randn(
+            bn.weight.shape, generator=generator)))
+        bn.bias.copy_(scale * 0.1 * torch.randn(bn.bias.shape,
+                                                generator=generator))
+  norms = norms or _timm_norms(model)
   counts = {}
 
   def count(module, inputs):
     x = inputs[0]
     counts[module] = x.numel() // x.shape[1]
 
-  # The last BN of each residual branch (timm blocks with a skip).
-  branch_ends = {[m for m in block.modules() if m in set(norms)][-1]
-                 for stage in model.blocks for block in stage
-                 if getattr(block, 'has_skip', False)}
   hooks = [bn.register_forward_pre_hook(count) for bn in norms]
   with torch.no_grad():
     for bn in norms:
-      scale = branch_scale if bn in branch_ends else 1.0
-      bn.weight.copy_(scale * (1 + 0.1 * torch.randn(bn.weight.shape,
-                                                     generator=generator)))
-      bn.bias.copy_(scale * 0.1 * torch.randn(bn.bias.shape,
-                                              generator=generator))
       bn.reset_running_stats()
       bn.momentum = None  # running stats := this batch's moments
     model.train()
@@ -115,6 +121,12 @@ def timm_reference(variant: str, batch: np.ndarray, *, seed: int = 0,
     hook.remove()
   model.eval()
   return model
+
+
+def _timm_norms(model):
+  import torch
+  return [m for m in model.modules()
+          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 def timm_logits(model, x: np.ndarray) -> np.ndarray:

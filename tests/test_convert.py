@@ -365,19 +365,25 @@ def test_cli_missing_input_and_bad_variant(tmp_path, capsys):
 
 
 def test_module_entry_point_without_tensorflow(b0_safetensors, tmp_path):
+  """`python -m effnetv2_jax.convert`: one-line error; no tf, no torch."""
   path, _ = b0_safetensors
-  result = subprocess.run(
-      [sys.executable, '-m', 'effnetv2_jax.convert', '--from', 'timm',
-       '--input', path, '--variant', 'b3', '--output', str(tmp_path / 'o')],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 1
-  assert 'Traceback' not in result.stderr
-  assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
-  code = ('import sys; from effnetv2_jax.convert import __main__ as m; '
-          f'status = m.main(["--from", "timm", "--input", {path!r}, '
-          f'"--variant", "b0", "--output", {str(tmp_path / "ok")!r}]); '
-          'assert "tensorflow" not in sys.modules; '
-          'assert "torch" not in sys.modules; sys.exit(status)')
+  argv = ['effnetv2_jax.convert', '--from', 'timm', '--input', path,
+          '--output', str(tmp_path / 'o')]
+  code = ('import runpy, sys\n'
+          f'sys.argv = {argv + ["--variant", "b3"]!r}\n'
+          'try:\n'
+          '  runpy.run_module("effnetv2_jax.convert", run_name="__main__")\n'
+          'except SystemExit as e:\n'
+          '  failed = e.code\n'
+          'from effnetv2_jax.convert import __main__ as cli\n'
+          f'converted = cli.main({argv[1:] + ["--variant", "b0"]!r})\n'
+          'assert "tensorflow" not in sys.modules, "tensorflow imported"\n'
+          'assert "torch" not in sys.modules, "torch imported"\n'
+          'sys.exit(10 * failed + converted)\n')
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 10, result.stderr[-2000:]
+  assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
+  assert "'conv_stem.weight' has shape (32, 3, 3, 3), expected (40, 3, 3, 3)" \
+      in result.stderr
+  assert weights.is_model_dir(tmp_path / 'o')

@@ -243,7 +243,8 @@ def _read_model(model: Any) -> dict[str, np.ndarray]:
       return
     for variable in layer.weights:
       leaf = variable.name.split('/')[-1].split(':')[0]
-      tensors[f'{layer.name}/{leaf}'] = np.asarray(variable)
+      value = variable.numpy() if hasattr(variable, 'numpy') else variable
+      tensors[f'{layer.name}/{leaf}'] = np.asarray(value)
 
   visit(model)
   return tensors
