@@ -48,31 +48,23 @@ SMALL_MODELS = ('micro', 'tiny', 'digits')
 
 
 def architecture_for(name: str):
-  """An official variant, or `tiny` / `digits` (the architectures of
-  configs/tiny.py and configs/digits.py; those configs need ml_collections,
-  so without it the same definitions below are used), or `micro` (two
-  blocks, for --quick runs)."""
+  """An official variant, or `tiny` / `digits` (copies of the architectures
+  in configs/tiny.py and configs/digits.py, which import ml_collections;
+  tests/test_benchmarks.py keeps the copies equal), or `micro` (two blocks,
+  for --quick runs)."""
   from effnetv2_jax.models import arch
   if name in arch.VARIANTS:
     return arch.get_architecture(name)
   if name == 'tiny':
-    try:
-      from configs.tiny import TINY_ARCH
-      return TINY_ARCH
-    except ImportError:
-      return arch.Architecture(
-          name='tiny', stages=(
-              arch.parse_block_string('r1_k3_s1_e1_i8_o8_c1'),
-              arch.parse_block_string('r2_k3_s2_e2_i8_o16_se0.25')),
-          head_channels=32, dropout_rate=0.1, train_size=24, eval_size=32)
+    return arch.Architecture(
+        name='tiny', stages=(
+            arch.parse_block_string('r1_k3_s1_e1_i8_o8_c1'),
+            arch.parse_block_string('r2_k3_s2_e2_i8_o16_se0.25')),
+        head_channels=32, dropout_rate=0.1, train_size=24, eval_size=32)
   if name == 'digits':
-    try:
-      from configs.digits import DIGITS_ARCH
-      return DIGITS_ARCH
-    except ImportError:
-      return arch.scaled(arch.get_architecture('s'), width=0.25, depth=0.25,
-                         head_channels=128, name='s_digits').replace(
-                             train_size=32, eval_size=32, dropout_rate=0.2)
+    return arch.scaled(arch.get_architecture('s'), width=0.25, depth=0.25,
+                       head_channels=128, name='s_digits').replace(
+                           train_size=32, eval_size=32, dropout_rate=0.2)
   if name == 'micro':
     return arch.Architecture(
         name='micro', stages=(
@@ -439,7 +431,11 @@ def keras_runner(name: str, variant: str, *, size: int, batch: int,
   images = tf.constant(
       np.random.default_rng(0).standard_normal((batch, size, size, 3)),
       tf.float32)
-  infer = tf.function(lambda x: model(x, training=False))
+
+  def forward(x):
+    return model(x, training=False)
+
+  infer = tf.function(forward, autograph=False)  # no Python control flow
 
   def close():
     keras.backend.clear_session()

@@ -121,6 +121,26 @@ def test_official_stage_sizes_and_progressive_schedule():
   assert sum(n for _, n in plan) == 10
 
 
+def test_small_architectures_match_the_configs():
+  from benchmarks import workloads
+  from configs.digits import DIGITS_ARCH
+  from configs.tiny import TINY_ARCH
+  assert workloads.architecture_for('tiny') == TINY_ARCH
+  assert workloads.architecture_for('digits') == DIGITS_ARCH
+
+
+def test_benchmark_modules_import_no_tensorflow_or_ml_collections():
+  code = ('import sys; from benchmarks import compile, harness, macs, '
+          'profile_step, progressive, throughput, workloads; '
+          'workloads.architecture_for("digits"); '
+          'bad = [m for m in ("tensorflow", "tensorflow_datasets", "clu", '
+          '"ml_collections") if m in sys.modules]; print(bad); '
+          'sys.exit(bool(bad))')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
 def test_summary_and_table():
   s = harness.summarize([0.5, 0.25, 1.0], batch=8)
   assert s['img_s_median'] == 16 and s['img_s_min'] == 8
