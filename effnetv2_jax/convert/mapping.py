@@ -9,7 +9,8 @@ that does not fit, naming it and both shapes. Every reference tensor must be
 consumed: a leftover is an error too, so a checkpoint of a bigger variant does
 not load silently into a smaller one.
 
-No framework is imported here: references arrive as name -> array mappings.
+Neither torch nor Keras is imported here: references arrive as name -> array
+mappings.
 """
 
 from __future__ import annotations
