@@ -226,14 +226,15 @@ def test_wrong_variant_names_tensor_and_both_shapes():
   message = _one_line_error(convert.timm_variables, s_tensors, 'b0')
   assert message == (
       "state dict does not fit EfficientNetV2-B0: tensor 'conv_stem.weight' "
-      'has shape (24, 3, 3, 3), expected (32, 3, 3, 3)')
+      'has shape (24, 3, 3, 3), expected (32, 3, 3, 3); it fits '
+      'EfficientNetV2-S')
   k_tensors = fake_tensors(keras_convert.NAMING, arch.get_architecture('s'))
   message = _one_line_error(convert.keras_variables,
                             _write_legacy(k_tensors, _tmp('s_legacy.h5')),
                             'b0')
   assert message.endswith(
       "does not fit EfficientNetV2-B0: tensor 'stem_conv/kernel' has shape "
-      '(3, 3, 3, 24), expected (3, 3, 3, 32)')
+      '(3, 3, 3, 24), expected (3, 3, 3, 32); it fits EfficientNetV2-S')
 
 
 def _tmp(name):
@@ -246,11 +247,17 @@ def test_smaller_and_bigger_variants_are_refused():
   b0_tensors = fake_tensors(timm_convert.NAMING, B0)
   message = _one_line_error(convert.timm_variables, b0_tensors, b1)
   assert message.endswith("tensor 'blocks.0.1.conv.weight' is missing "
-                          '(expected shape (16, 16, 3, 3))')
+                          '(expected shape (16, 16, 3, 3)); it fits '
+                          'EfficientNetV2-B0')
   b1_tensors = fake_tensors(timm_convert.NAMING, b1)
   message = _one_line_error(convert.timm_variables, b1_tensors, B0)
   assert "unexpected tensor 'blocks.0.1.conv.weight' with shape " \
          '(16, 16, 3, 3)' in message
+  assert message.endswith('; it fits EfficientNetV2-B1')
+  # A file of no known variant gets no hint.
+  b1_tensors['conv_head.weight'] = np.zeros((1280, 320, 1, 1), np.float32)
+  assert 'it fits' not in _one_line_error(convert.timm_variables, b1_tensors,
+                                          B0)
 
 
 def test_headless_and_malformed_sources():

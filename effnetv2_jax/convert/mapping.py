@@ -254,13 +254,15 @@ def match_tensors(tensors: Mapping[str, np.ndarray],
       if name not in tensors:
         raise ConversionError(
             f'{source} does not fit {label}: tensor {name!r} is missing '
-            f'(expected shape {shape_text(expected)})')
+            f'(expected shape {shape_text(expected)})'
+            + _fitting_variant(tensors, naming, num_classes))
       value = tensors[name]
       found = tuple(np.shape(value))
       if found != expected:
         raise ConversionError(
             f'{source} does not fit {label}: tensor {name!r} has shape '
-            f'{shape_text(found)}, expected {shape_text(expected)}')
+            f'{shape_text(found)}, expected {shape_text(expected)}'
+            + _fitting_variant(tensors, naming, num_classes))
       array = np.asarray(rule.to_ours(np.asarray(value)), dtype=np.float32)
       _insert(trees[collection], layer.path + (leaf,), array)
       used.add(name)
@@ -269,8 +271,22 @@ def match_tensors(tensors: Mapping[str, np.ndarray],
       raise ConversionError(
           f'{source} does not fit {label}: unexpected tensor {name!r} with '
           f'shape {shape_text(np.shape(tensors[name]))} (the variant has no '
-          'such tensor)')
+          'such tensor)' + _fitting_variant(tensors, naming, num_classes))
   return trees['params'], trees['batch_stats']
+
+
+def _fitting_variant(tensors: Mapping[str, np.ndarray], naming: Naming,
+                     num_classes: int) -> str:
+  """'; it fits EfficientNetV2-S' when a named variant takes every tensor."""
+  names = {n for n in tensors if not naming.ignorable(n)}
+  for variant in arch_lib.VARIANTS:
+    expected = naming.expected_names(arch_lib.get_architecture(variant),
+                                     num_classes)
+    if (len(expected) == len(names) and
+        all(n in names and tuple(np.shape(tensors[n])) == shape
+            for n, shape in expected)):
+      return f'; it fits {variant_label(arch_lib.get_architecture(variant))}'
+  return ''
 
 
 def _insert(tree: dict, path: Iterable, value) -> None:
