@@ -59,9 +59,9 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   if args.quick:
     args.variant = args.variant or ['micro']
-    args.stages = min(args.stages, 2)
+    args.stages = 1
     args.batch = args.batch or 2
-    args.size = args.size or [32, 48]
+    args.size = args.size or [32]
     args.scenarios = args.scenarios or ['cold', 'cached', 'exported']
   args.variant = args.variant or ['s', 'm', 'l']
   return args

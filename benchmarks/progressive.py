@@ -28,7 +28,6 @@ waiting for it at the stage boundary is counted as compile).
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
