@@ -268,8 +268,11 @@ def _load_workdir(path: str, architecture, depthwise_impl: str):
   try:
     flat_params, flat_stats, _ = checkpointing.read_pretrained(
         path, prefer_ema=True)
-  except (ValueError, OSError, FileNotFoundError) as e:
-    raise weights.WeightsError(f'{path}: {str(e).splitlines()[0]}') from None
+  except Exception as e:  # orbax raises many types for a damaged directory
+    lines = str(e).strip().splitlines()
+    raise weights.WeightsError(
+        f'{path}: unreadable training checkpoint '
+        f'({type(e).__name__}: {lines[0] if lines else ""})') from None
   kernel = flat_params.get('head/classifier/kernel')
   if kernel is None or np.ndim(kernel) != 2:
     raise weights.WeightsError(
@@ -416,9 +419,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.image_size is not None and args.image_size < 1:
     print('error: --image-size must be positive', file=sys.stderr)
     return 2
-  if args.save_logits and not args.save_logits.endswith('.npy'):
-    print('error: --save-logits needs a .npy file name', file=sys.stderr)
-    return 2
+  if args.save_logits:
+    folder = os.path.dirname(os.path.abspath(args.save_logits))
+    if not args.save_logits.endswith('.npy') or not os.path.isdir(folder):
+      print('error: --save-logits needs a .npy file name in an existing '
+            'directory', file=sys.stderr)
+      return 2
   try:
     model, info = load_checkpoint(args.checkpoint, args.variant,
                                   normalization=args.normalization)

@@ -43,7 +43,9 @@ def _batch(seed=0):
 def _setup():
   spec = state_lib.ModelSpec(ARCH, CLASSES, drop_path_rate=0.2)
   make_opt = functools.partial(optimizer.build, weight_decay=1e-4)
-  init_fn = state_lib.make_init_fn(spec, make_opt(0.0), seed=0, use_ema=True)
+  # No EMA copy: it is elementwise (sharding cannot change it) and would
+  # only lengthen every compile here.
+  init_fn = state_lib.make_init_fn(spec, make_opt(0.0), seed=0, use_ema=False)
   # One initial state for every mesh (initialising per mesh would only
   # recompile the same initialiser).
   with jax.threefry_partitionable(False):
@@ -150,28 +152,20 @@ def test_batchnorm_moments_match_numpy(replicas_per_group):
     assert np.abs(0.9 + 0.1 * global_var - expected_var).max() > 1e-4
 
 
-def test_bfloat16_compute_keeps_float32_state():
+def test_bfloat16_compute_keeps_float32_gradients_and_statistics():
   """The TPU/GPU setting: bf16 activations, float32 weights and statistics."""
   spec = state_lib.ModelSpec(ARCH, CLASSES, dtype=jnp.bfloat16)
-  make_opt = functools.partial(optimizer.build, weight_decay=1e-4)
-  initial = _setup()[3]  # the same weights as the float32 runs
-  step = steps.make_train_step(
-      spec.graphdef(), make_opt,
-      lr_fn=schedules.learning_rate_fn(SCHEDULE, total_epochs=1.0),
-      drop_path_rate=0.2, ema_decay=0.99)
-  hparams = dict(schedules.stage_hparams(
-      SCHEDULE, batch_size=BATCH, start_step=0, start_epoch=0.0,
-      num_train_examples=1000), dropout_rate=0.1)
-  state, metrics = jax.jit(step)(
-      initial, _batch(), {k: np.float32(v) for k, v in hparams.items()})
-  for leaf in jax.tree.leaves(state):
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-      assert leaf.dtype == jnp.float32
+  step = steps.make_gradient_step(spec.graphdef(), drop_path_rate=0.2)
+  grads, stats, metrics = jax.device_get(jax.jit(step)(
+      _setup()[3], _batch(), {'dropout_rate': np.float32(0.1)}))
+  for leaf in jax.tree.leaves((grads, stats)):
+    assert leaf.dtype == np.float32 and np.isfinite(leaf).all()
+  # The float32 run of the same first step (same weights, batch and masks):
+  # close, not identical, so bfloat16 really computed.
   _, reference, reference_metrics = _train(1)
-  # Same step in bfloat16: close to float32, not identical.
-  assert float(metrics['loss']) == pytest.approx(
-      float(reference_metrics['loss']), rel=2e-2)
-  assert float(metrics['loss']) != float(reference_metrics['loss'])
-  kernel = np.asarray(state.params['stem']['conv']['kernel'])
-  np.testing.assert_allclose(kernel, reference.params['stem']['conv']['kernel'],
-                             atol=0.05)
+  assert metrics['loss'] == pytest.approx(reference_metrics['loss'],
+                                          rel=2e-2)
+  assert metrics['loss'] != reference_metrics['loss']
+  for a, b in zip(jax.tree.leaves(stats),
+                  jax.tree.leaves(reference.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)

@@ -11,7 +11,7 @@ parameters, BN statistics, optimizer slots, EMA copies and the base PRNG key.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax
 import jax
@@ -38,8 +38,8 @@ class TrainState:
 class ModelSpec:
   """How to build the network: a plain description, no arrays.
 
-  NAS trials, self-distillation and notebooks pass an `Architecture` (or its
-  dict) instead of a variant name; nothing else changes.
+  NAS trials, self-distillation and notebooks describe their network as an
+  `Architecture` (config.model.arch may be its dict); nothing else changes.
   """
 
   architecture: arch_lib.Architecture
@@ -62,15 +62,6 @@ class ModelSpec:
     abstract = nnx.eval_shape(lambda: self.build(0))
     graphdef, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
     return graphdef
-
-
-def resolve_architecture(arch: str | Mapping | arch_lib.Architecture
-                         ) -> arch_lib.Architecture:
-  if isinstance(arch, arch_lib.Architecture):
-    return arch
-  if isinstance(arch, str):
-    return arch_lib.get_architecture(arch)
-  return arch_lib.Architecture.from_dict(dict(arch))
 
 
 def split_variables(model: nnx.Module) -> tuple[dict, dict]:
