@@ -5,11 +5,10 @@ its threads (`setup_process`) before jax, torch or tensorflow start, because
 XLA and the torch/TF thread pools size themselves once, at start-up.
 
 Timing rules, for every script: each implementation is built and warmed up
-(compiles and autotuning happen there), then timed for `repeats` samples. On a
-CPU the implementations are timed round-robin, one sample each per round, so a
-neighbour's load on a shared machine hits all of them alike; on a GPU each is
-timed in one block and then freed, so each has the whole device. A sample
-runs `steps_per_sample` steps and waits for the last to finish.
+(compiles and autotuning happen there), then timed for `repeats` samples,
+each implementation alone (throughput.py gives each its own process). A sample
+runs `steps_per_sample` steps and waits for the last to finish. Measure on an
+idle machine: the environment block records the load average.
 """
 
 from __future__ import annotations
@@ -96,10 +95,9 @@ def setup_process(threads: int | None) -> int:
   n = len(cores)
   for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'TF_NUM_INTRAOP_THREADS'):
     os.environ.setdefault(var, str(n))
-  # Spinning OpenMP workers make torch 10-50x slower as soon as anything else
-  # wants the cores (another process, or XLA's pool in this one); measured
-  # on a 2-core machine: b0 inference 0.3-3.9 s/step spinning, 0.04 passive.
-  os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+  # OMP_WAIT_POLICY is left alone: PASSIVE OpenMP workers cost timm 2-3.5x
+  # on 2 cores, so frameworks are timed in separate processes instead
+  # (throughput.py) and each keeps the threading its users get.
   # Two frameworks share one GPU: JAX must not grab 75% of it up front.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -2,7 +2,8 @@
 
 For each (variant, image size, mode) every implementation runs the same batch,
 image size, compute dtype and thread count, after warm-up (compiles and
-autotuning excluded), and the table gives median images/s, the spread over
+autotuning excluded), each in a fresh process of its own so that it has the
+cores to itself with its framework's default threading, and the table gives median images/s, the spread over
 the timed samples, and ours / theirs. On a GPU it also gives model FLOP
 utilisation: FLOPs from the architecture (benchmarks/macs.py; 6 x MACs per
 trained image, 2 x per inferred one) over the measured bf16 matmul peak.
@@ -21,6 +22,9 @@ listed as unavailable, not failed.
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +44,11 @@ def parse_args(argv=None):
                       help=f'implementations (default {" ".join(DEFAULT_IMPLS)})')
   parser.add_argument('--warmup', type=int, default=None,
                       help='untimed steps first (the first one compiles)')
+  parser.add_argument('--same-process', action='store_true',
+                      help='time every implementation in this process '
+                           '(default: each in a fresh process of its own)')
+  parser.add_argument('--child-cell', nargs=7, default=None,
+                      help=argparse.SUPPRESS)
   parser.add_argument('--steps-per-sample', type=int, default=None,
                       help='steps per timed sample (default 1 on CPU, 10 on '
                            'GPU, where one host sync per step would show)')
@@ -109,6 +118,43 @@ def _skip_reason(impl, variant, mode) -> str | None:
   return None
 
 
+def _time_one(args, impl, variant, size, batch, mode, dtype, threads) -> dict:
+  """Builds, warms up and times one implementation in this process."""
+  why = _skip_reason(impl, variant, mode)
+  if why:
+    return {'skip': why}
+  harness.eprint(f'[{variant} {size}px b{batch} {mode}] {impl}: building')
+  try:
+    runner = _make_runner(impl, variant, size, batch, mode, dtype, threads)
+  except Exception as e:  # noqa: BLE001 - reported in the table
+    return {'skip': f'failed: {type(e).__name__}: {str(e)[:80]}'}
+  harness.eprint(f'[{variant} {size}px b{batch} {mode}] {impl}: timing')
+  return harness.time_runners(
+      [runner], warmup=args.warmup, repeats=args.repeats,
+      steps_per_sample=args.steps_per_sample, interleave=False)[impl]
+
+
+_CHILD_MARK = 'THROUGHPUT_CELL '
+
+
+def _time_isolated(args, impl, variant, size, batch, mode, dtype, threads
+                   ) -> dict:
+  """`_time_one` in a fresh process, so each implementation has the cores
+  to itself with its framework's default threading (idle thread pools of
+  another framework in the same process cost torch 2-3.5x on this 2-core
+  machine: OpenMP workers told to sleep, or spinning against XLA's pool)."""
+  cmd = [sys.executable, '-m', 'benchmarks.throughput', '--child-cell',
+         impl, variant, str(size), str(batch), mode, dtype, str(threads),
+         '--warmup', str(args.warmup), '--repeats', str(args.repeats),
+         '--steps-per-sample', str(args.steps_per_sample)]
+  proc = subprocess.run(cmd, cwd=harness.REPO_ROOT, stdout=subprocess.PIPE,
+                        text=True)
+  for line in proc.stdout.splitlines():
+    if line.startswith(_CHILD_MARK):
+      return json.loads(line[len(_CHILD_MARK):])
+  return {'skip': f'failed: exit {proc.returncode} (see stderr above)'}
+
+
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   threads = harness.setup_process(args.threads)
@@ -118,10 +164,17 @@ def main(argv=None) -> list[dict]:
   backend = jax.default_backend()
   on_cpu = backend == 'cpu'
   dtype = workloads.resolve_dtype(args.dtype, backend)
+  args.repeats = args.repeats or (7 if on_cpu else 20)
+  args.steps_per_sample = args.steps_per_sample or (1 if on_cpu else 10)
+  if args.child_cell:
+    impl, variant, size, batch, mode, dtype, _ = args.child_cell
+    timing = _time_one(args, impl, variant, int(size), int(batch), mode,
+                       dtype, threads)
+    print(_CHILD_MARK + json.dumps(timing), flush=True)
+    return []
   device = jax.devices()[0].device_kind
-  repeats = args.repeats or (7 if on_cpu else 20)
-  steps_per_sample = args.steps_per_sample or (1 if on_cpu else 10)
   peak = workloads.measure_matmul_peak()
+  measure = _time_one if args.same_process else _time_isolated
 
   rows = []
   for variant in args.variant:
@@ -129,33 +182,18 @@ def main(argv=None) -> list[dict]:
     for size in args.size:
       batch = args.batch or (8 if on_cpu else 128)
       for mode in args.mode:
-        runners, skipped = [], {}
-        for impl in args.impls:
-          why = _skip_reason(impl, variant, mode)
-          if why:
-            skipped[impl] = why
-            continue
-          harness.eprint(f'[{variant} {size}px b{batch} {mode}] building {impl}')
-          try:
-            runners.append(_make_runner(impl, variant, size, batch, mode,
-                                        dtype, threads))
-          except Exception as e:  # noqa: BLE001 - reported in the table
-            skipped[impl] = f'failed: {type(e).__name__}: {str(e)[:80]}'
-        harness.eprint(f'[{variant} {size}px b{batch} {mode}] timing '
-                       + ', '.join(r.name for r in runners))
-        timings = harness.time_runners(
-            runners, warmup=args.warmup, repeats=repeats,
-            steps_per_sample=steps_per_sample, interleave=on_cpu)
+        timings = {impl: measure(args, impl, variant, size, batch, mode,
+                                 dtype, threads) for impl in args.impls}
         flops = (macs.train_flops(architecture, size) if mode == 'train'
                  else macs.inference_flops(architecture, size))
-        ours = timings.get('ours')
+        ours = timings.get('ours', {})
         ours_rate = (harness.summarize(ours['samples'], batch)['img_s_median']
-                     if ours else None)
+                     if 'samples' in ours else None)
         for impl in args.impls:
           row = dict(variant=variant, image_size=size, batch=batch, mode=mode,
                      impl=impl, dtype=dtype, device=device)
-          if impl in timings:
-            t = timings[impl]
+          t = timings[impl]
+          if 'samples' in t:
             row.update(harness.summarize(t['samples'], batch))
             row['first_step_s'] = t['first_step_s']
             if ours_rate:
@@ -164,11 +202,14 @@ def main(argv=None) -> list[dict]:
               row['mfu'] = flops * row['img_s_median'] / peak
           else:
             row['img_s_median'] = None
-            row['note'] = skipped.get(impl, '')
+            row['note'] = t.get('skip', '')
           rows.append(row)
 
   env = harness.environment(threads)
   env['compute_dtype'] = dtype
+  env['isolation'] = ('all implementations in this process, one after '
+                      'another' if args.same_process else
+                      'each implementation in its own process, alone')
   if peak:
     env['bf16_matmul_peak_TFLOPs'] = round(peak / 1e12, 1)
   columns = [('variant', 'variant'), ('image_size', 'px'), ('batch', 'batch'),
