@@ -332,8 +332,8 @@ class SqueezeExcite(nnx.Module):
     return x * jax.nn.sigmoid(self.expand(s))
 
 
-def drop_path(x, survival_prob, rng):
-  """Per-example stochastic depth: keep with prob p, rescale kept by 1/p."""
-  keep = jax.random.bernoulli(rng, survival_prob, (x.shape[0], 1, 1, 1))
+def drop_path(x, keep, survival_prob):
+  """Per-example stochastic depth: zero the examples where `keep` [B] is
+  False, rescale the kept ones by 1/p (`keep` drawn with probability p)."""
   scale = keep.astype(jnp.float32) / survival_prob
-  return x * scale.astype(x.dtype)
+  return x * scale.astype(x.dtype)[:, None, None, None]
