@@ -41,6 +41,12 @@ def parse_args(argv=None):
   parser.add_argument('--profile-steps', type=int, default=5)
   parser.add_argument('--top', type=int, default=30)
   parser.add_argument('--out', default=None, help='also write the summary here')
+  parser.add_argument('--default-xla-options', action='store_true',
+                      help="compile with XLA's defaults instead of "
+                           'effnetv2_jax.models.xla_options')
+  parser.add_argument('--dump-hlo', default=None,
+                      help='write the optimised HLO here, to look up the '
+                           'ops the summary names')
   parser.add_argument('--cache-dir', default=None,
                       help='persistent compilation cache (default: none)')
   args = parser.parse_args(argv)
@@ -109,6 +115,7 @@ def main(argv=None):
   if args.cache_dir:
     jax.config.update('jax_compilation_cache_dir', args.cache_dir)
   from benchmarks import macs, workloads
+  from effnetv2_jax.models import xla_options
   backend = jax.default_backend()
   dtype = workloads.resolve_dtype(args.dtype, backend)
   variant = (args.variant or ['s'])[0]
@@ -134,8 +141,11 @@ def main(argv=None):
   t1 = time.perf_counter()
   lowered = traced.lower()
   t2 = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = (lowered.compile() if args.default_xla_options
+              else xla_options.compile_lowered(lowered))
   t3 = time.perf_counter()
+  if args.dump_hlo:
+    Path(args.dump_hlo).write_text(compiled.as_text())
   holder = [call_args]
 
   def step():
@@ -161,7 +171,8 @@ def main(argv=None):
   peak = workloads.measure_matmul_peak()
   head = (f'{variant} {mode} {size}px batch {batch} {dtype} on '
           f'{jax.devices()[0].device_kind}, depthwise {args.depthwise}, '
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n"
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, compiler options "
+          f"{'XLA defaults' if args.default_xla_options else xla_options.compiler_options()}\n"
           f'build {t_build:.1f} s, trace {t1 - t0:.1f} s, lower {t2 - t1:.1f} s, '
           f'compile {t3 - t2:.1f} s\n'
           f'step {1e3 * median:.2f} ms (min {1e3 * min(times):.2f}, max '

@@ -147,7 +147,9 @@ def _worker(args) -> None:
   def compile_for(size):
     images = jax.ShapeDtypeStruct((batch, size, size, 3), 'float32')
     labels = jax.ShapeDtypeStruct((batch,), 'int32')
-    return step.lower(abstract_state, images, labels, rng).compile()
+    from effnetv2_jax.models import xla_options
+    return xla_options.compile_lowered(
+        step.lower(abstract_state, images, labels, rng))
 
   compiled, threads, stages = {}, {}, []
   mode = spec['precompile']

@@ -26,6 +26,7 @@ from benchmarks.harness import Runner
 
 LABEL_SMOOTHING = 0.1
 WEIGHT_DECAY = 1e-5
+DROP_PATH_RATE = 0.2  # the model's default stochastic depth
 LEARNING_RATE = 0.016  # the official lr_base at batch 256; value irrelevant
 NUM_CLASSES = 1000
 
@@ -193,16 +194,18 @@ class JaxModel:
 
   def jit_train_step(self):
     import jax
-    return jax.jit(self.train_step_fn(), donate_argnums=(0,))
+    from effnetv2_jax.models import xla_options
+    return jax.jit(self.train_step_fn(), donate_argnums=(0,),
+                   compiler_options=xla_options.compiler_options())
 
   def jit_infer(self):
     import jax
+    from effnetv2_jax.models import xla_options
 
-    @jax.jit
     def infer(param_leaves, stat_leaves, images):
       return self._merge(param_leaves, stat_leaves)(images, training=False)
 
-    return infer
+    return jax.jit(infer, compiler_options=xla_options.compiler_options())
 
 
 def synthetic_batch(batch: int, size: int, num_classes=NUM_CLASSES, seed=0):
@@ -307,8 +310,12 @@ def torch_runner(name: str, variant: str, *, size: int, batch: int, mode: str,
   timm = import_timm()
   torch.set_num_threads(threads)
   device = torch_device()
-  model = timm.create_model(timm_name or f'tf_efficientnetv2_{variant}',
-                            num_classes=NUM_CLASSES)
+  # The regularisation our train step applies (the architecture's dropout,
+  # stochastic depth 0.2), so both steps do the same work.
+  model = timm.create_model(
+      timm_name or f'tf_efficientnetv2_{variant}', num_classes=NUM_CLASSES,
+      drop_rate=architecture_for(variant).dropout_rate,
+      drop_path_rate=DROP_PATH_RATE)
   model = model.to(device).to(memory_format=torch.channels_last)
   forward = torch.compile(model) if compiled else model
   gen = torch.Generator(device=device).manual_seed(0)

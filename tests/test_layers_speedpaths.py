@@ -7,6 +7,8 @@ then a whole small model's loss gradient with the fast paths against the
 reference ones.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +184,55 @@ def test_model_gradients_fast_paths_equal_reference_paths(monkeypatch):
   floor = 1e-3 * sum(norms) / len(norms)
   for a, b, norm in zip(grads_f, grads_r, norms):
     assert float(jnp.linalg.norm(a - b)) <= 1e-3 * max(norm, floor)
+
+
+# --------------------------------------------------------------------------
+# Compiler options (models/xla_options.py).
+
+from effnetv2_jax.models import xla_options  # noqa: E402
+
+
+def _entry_ops(compiled) -> list[str]:
+  text = compiled.as_text()
+  entry = text[text.index('\nENTRY'):]
+  return re.findall(r'\n\s*(?:ROOT )?%([a-z_\-]+)[.\d]* = ', entry)
+
+
+def _conv_kernel_gradient():
+  """The kernel gradient of a dense 3x3 convolution: the case YNNPACK's
+  convolution ran at 3-6 GMAC/s in the model's train step."""
+  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 48))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 48, 192)) * 0.05
+  dy = jax.random.normal(jax.random.key(2), (8, 32, 32, 192))
+
+  def kernel_grad(x, k, dy):
+    conv = lambda k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.vjp(conv, k)[1](dy)[0]
+
+  return jax.jit(kernel_grad).lower(x, k, dy), (x, k, dy)
+
+
+def test_cpu_options_keep_convolutions_out_of_ynnpack_with_equal_results():
+  assert xla_options.compiler_options('gpu') == {}
+  assert 'xla_cpu_experimental_ynn_fusion_type' in (
+      xla_options.compiler_options('cpu'))
+  lowered, args = _conv_kernel_gradient()
+  default, ours = lowered.compile(), xla_options.compile_lowered(lowered, 'cpu')
+  # XLA's default hands the convolution to YNNPACK (a library fusion); ours
+  # leaves it to XLA's own convolution.
+  assert 'ynn_fusion' in _entry_ops(default)
+  assert 'convolution' in _entry_ops(ours)
+  assert 'ynn_fusion' not in _entry_ops(ours)
+  np.testing.assert_allclose(np.asarray(ours(*args)),
+                             np.asarray(default(*args)), rtol=1e-4, atol=1e-3)
+
+
+def test_options_this_xla_rejects_fall_back_to_defaults(monkeypatch, caplog):
+  monkeypatch.setattr(xla_options, 'CPU_OPTIONS',
+                      {'xla_cpu_no_such_option_in_any_version': 'true'})
+  lowered, args = _conv_kernel_gradient()
+  with caplog.at_level('WARNING'):
+    compiled = xla_options.compile_lowered(lowered, 'cpu')
+  assert np.isfinite(np.asarray(compiled(*args))).all()
+  assert 'compiling with defaults' in caplog.text

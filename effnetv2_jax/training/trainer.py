@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effnetv2_jax.models import xla_options
 from effnetv2_jax.training import checkpointing
 from effnetv2_jax.training import config_checks
 from effnetv2_jax.training import mesh as mesh_lib
@@ -240,7 +241,7 @@ class Compiler:
   def _compile(self, key) -> Compiled:
     self._misses.take()
     start = time.time()
-    executable = self._lower(key).compile()
+    executable = xla_options.compile_lowered(self._lower(key))
     seconds = time.time() - start
     hit = self._cache_enabled and self._misses.take() == 0
     return Compiled(executable, seconds, memory_estimate(executable), hit)

@@ -1,0 +1,56 @@
+"""XLA compiler options that pay for this model, per backend.
+
+They are passed per compilation (`compile_lowered`, or `jax.jit(...,
+compiler_options=compiler_options())`) rather than through XLA_FLAGS: they
+then apply to our programs only, and work in a process whose backend already
+started (a Colab kernel, a test session).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+
+_YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
+
+# XLA:CPU (jaxlib 0.10) gives dots, reductions and convolutions to YNNPACK.
+# Its convolutions are the slow part of a CPU train step: the kernel gradient
+# of a dense 3x3 convolution (a convolution whose window is the whole image)
+# ran at 3-6 GMAC/s, the 3-channel stem at 1.4. XLA's own convolutions with
+# YNNPACK dots and reductions took the S train step at 128 px, batch 8, on 2
+# cores from 1029 to 710-874 ms; handing YNNPACK element-wise fusions as well
+# made it 30% slower again (benchmarks/README.md, "CPU").
+CPU_OPTIONS = {
+    _YNN_FUSION_TYPES: 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE',
+}
+
+_warned: set[str] = set()
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+  """The options for `backend` (default: JAX's default backend)."""
+  backend = backend or jax.default_backend()
+  return dict(CPU_OPTIONS) if backend == 'cpu' else {}
+
+
+def compile_lowered(lowered, backend: str | None = None):
+  """`lowered.compile()` with `compiler_options(backend)`.
+
+  An XLA that does not know an option (another jaxlib than the pinned one)
+  compiles without them, with one warning, rather than failing.
+  """
+  options = compiler_options(backend)
+  if not options:
+    return lowered.compile()
+  try:
+    return lowered.compile(compiler_options=options)
+  except jax.errors.JaxRuntimeError as e:
+    if not any(name in str(e) for name in options):
+      raise
+    key = str(e).split('\n')[0]
+    if key not in _warned:
+      _warned.add(key)
+      logging.warning('XLA rejected effnetv2_jax compiler options (%s); '
+                      'compiling with defaults.', key)
+    return lowered.compile()
