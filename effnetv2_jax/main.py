@@ -36,14 +36,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'Call jax.distributed.initialize() (one process per host of a pod).')
 flags.mark_flags_as_required(['workdir'])
 
-class _HideCheckpointChatter(logging.Filter):
-  """Orbax logs a dozen INFO lines per checkpoint; the progress lines drown."""
-
-  def filter(self, record):
-    return (record.levelno >= logging.WARNING or
-            f'{os.sep}orbax{os.sep}' not in record.pathname)
-
-
 # Exit status after a SIGTERM checkpoint, so a scheduler restarts the job.
 _PREEMPTED_EXIT = 143
 
