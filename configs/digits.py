@@ -16,11 +16,11 @@ each stage (top-1 of the raw and EMA weights on the 360 test digits), and at
 the end `summary.json`, `curves.png`, TensorBoard events, checkpoints and
 `model/` (the EMA weights) in the workdir.
 
-Expected result: 97.5-99.4% test top-1 (EMA 97.5-98.9%), the spread of
-seeds 0 and 1 over this and the previous model version (360 test digits: one
-image is 0.28%); this version's seed 0 gives 97.5% (EMA 98.1%). The eval
-after the first two stages is low (about 8-11% and 19-23%): they train on 16 and
-21 px images, half the 32 px test size; it jumps to 85-91% after stage 3.
+Expected result: 97.5-99.4% test top-1 (EMA 97.5-98.9%), the spread of seeds
+0 and 1 over this and the previous model version (360 test digits: one image
+is 0.28%); this version's seed 0 gives 97.5% (EMA 98.1%). The eval after the
+first two stages is low (about 8-11% and 19-23%): they train on 16 and 21 px
+images, half the 32 px test size; it jumps to 85-91% after stage 3.
 Time on an idle 2-core CPU: 2.7 minutes for the README's first command in a
 fresh venv, install included (1 minute of it compiling one program per
 stage, while the stage before trains); 4.4 minutes when the machine was
