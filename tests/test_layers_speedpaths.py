@@ -63,6 +63,25 @@ def test_shifted_depthwise_matches_xla_value_and_grads(size, kernel, stride):
   assert _rel_err(gf[1], gr[1]) < 1e-6
 
 
+@pytest.mark.parametrize('chunk_bytes', [1, 2 * 9 * 9 * 4 * 4])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_shifted_depthwise_kernel_grad_in_image_chunks(monkeypatch,
+                                                      chunk_bytes, stride):
+  """The kernel gradient summed over chunks of the batch (a lax.map) equals
+  XLA's: chunks of one image, and of two out of six."""
+  monkeypatch.setattr(layers, 'DEPTHWISE_GRAD_CHUNK_BYTES', chunk_bytes)
+  k1, k2 = jax.random.split(jax.random.key(stride))
+  x = jax.random.normal(k1, (6, 7, 7, 4))
+  w = jax.random.normal(k2, (3, 3, 1, 4))
+  fast = lambda x, w: layers.depthwise_conv_shifted(x, w, stride)
+  ref = lambda x, w: layers.depthwise_conv_xla(x, w, stride)
+  (yf, gf), (yr, gr) = _vjp_both(fast, ref, (x, w))
+  assert _rel_err(gf[0], gr[0]) < 1e-6
+  assert _rel_err(gf[1], gr[1]) < 1e-6
+  chunked = jax.make_jaxpr(jax.grad(lambda w: fast(x, w).sum()))(w)
+  assert 'scan' in str(chunked)  # the chunked path (lax.map) really ran
+
+
 def test_shifted_depthwise_bfloat16_keeps_dtype_and_float32_kernel_grad():
   x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (3, 3, 1, 8), jnp.bfloat16)

@@ -138,11 +138,46 @@ def _shifted_bwd(stride, residuals, dy):
     term = tap * kernel[kh - 1 - i, kw - 1 - j, 0]
     dx = term if dx is None else dx + term
   x_pad = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-  dk = jnp.stack([
-      jnp.sum(tap.astype(jnp.float32) * dy.astype(jnp.float32),
-              axis=(0, 1, 2))
-      for _, _, tap in _strided_taps(x_pad, kh, kw, stride, out_h, out_w)])
+  dk = _depthwise_kernel_grad(x_pad, dy, kh, kw, stride)
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+# Bytes of one operand per chunk of the kernel gradient (see below).
+DEPTHWISE_GRAD_CHUNK_BYTES = 1 << 20
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+  return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
+
+
+def _depthwise_kernel_grad(x_pad, dy, kh: int, kw: int, stride: int):
+  """[kh*kw, C] float32: per tap, sum over batch and space of tap * dy.
+
+  On XLA:CPU each tap's strided window is written out before its reduction
+  (the reduction library reads contiguous arrays only), nine full-size
+  copies; over chunks of images small enough to stay in the core's L2 cache
+  the same work took a third of the time ([8, 56, 56, 128]: 52 -> 17 ms;
+  whole train steps 5% faster: S 128 px 846 -> 800 ms, B0 224 px 610 -> 577).
+  """
+  batch, out_h, out_w = dy.shape[:3]
+
+  def taps_dot_dy(x_pad, dy):
+    return jnp.stack([
+        jnp.sum(tap.astype(jnp.float32) * dy.astype(jnp.float32),
+                axis=(0, 1, 2))
+        for _, _, tap in _strided_taps(x_pad, kh, kw, stride, out_h, out_w)])
+
+  per_image = math.prod(x_pad.shape[1:]) * 4
+  chunk = _largest_divisor_at_most(
+      batch, DEPTHWISE_GRAD_CHUNK_BYTES // per_image)
+  if chunk == batch:
+    return taps_dot_dy(x_pad, dy)
+  n = batch // chunk
+  parts = jax.lax.map(
+      lambda args: taps_dot_dy(*args),
+      (x_pad.reshape((n, chunk) + x_pad.shape[1:]),
+       dy.reshape((n, chunk) + dy.shape[1:])))
+  return parts.sum(0)
 
 
 depthwise_conv_shifted.defvjp(_shifted_fwd, _shifted_bwd)
