@@ -20,7 +20,7 @@ _YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
 # ran at 3-6 GMAC/s, the 3-channel stem at 1.4. XLA's own convolutions with
 # YNNPACK dots and reductions took the S train step at 128 px, batch 8, on 2
 # cores from 1029 to 710-874 ms; handing YNNPACK element-wise fusions as well
-# made it 30% slower again (benchmarks/README.md, "CPU").
+# made it 30% slower again (benchmarks/README.md, change 5).
 CPU_OPTIONS = {
     _YNN_FUSION_TYPES: 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE',
 }
