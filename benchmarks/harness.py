@@ -142,35 +142,16 @@ def warm_up(runner: Runner, steps: int) -> float:
   return first
 
 
-def time_runners(runners: Sequence[Runner], *, warmup: int, repeats: int,
-                 steps_per_sample: int, interleave: bool
-                 ) -> dict[str, dict]:
-  """Seconds per step of each runner: {'samples': [...], 'first_step_s': x}.
-
-  Interleaved: all are warmed up, then timed one sample each per round, in
-  an order rotating every round. Otherwise each is warmed, timed and closed
-  before the next one starts.
-  """
-  out = {}
-  if interleave:
-    for r in runners:
-      out[r.name] = {'first_step_s': warm_up(r, warmup), 'samples': []}
-    for i in range(repeats):
-      k = i % len(runners)
-      for r in list(runners[k:]) + list(runners[:k]):
-        out[r.name]['samples'].append(_sample(r, steps_per_sample)
-                                      / steps_per_sample)
-    for r in runners:
-      r.close()
-  else:
-    for r in runners:
-      first = warm_up(r, warmup)
-      samples = [_sample(r, steps_per_sample) / steps_per_sample
-                 for _ in range(repeats)]
-      out[r.name] = {'first_step_s': first, 'samples': samples}
-      r.close()
-      gc.collect()
-  return out
+def time_runner(runner: Runner, *, warmup: int, repeats: int,
+                steps_per_sample: int) -> dict:
+  """Seconds per step: {'samples': [...], 'first_step_s': x}; then closes
+  the runner."""
+  first = warm_up(runner, warmup)
+  samples = [_sample(runner, steps_per_sample) / steps_per_sample
+             for _ in range(repeats)]
+  runner.close()
+  gc.collect()
+  return {'first_step_s': first, 'samples': samples}
 
 
 def summarize(seconds: Sequence[float], batch: int) -> dict:

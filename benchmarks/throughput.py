@@ -129,9 +129,8 @@ def _time_one(args, impl, variant, size, batch, mode, dtype, threads) -> dict:
   except Exception as e:  # noqa: BLE001 - reported in the table
     return {'skip': f'failed: {type(e).__name__}: {str(e)[:80]}'}
   harness.eprint(f'[{variant} {size}px b{batch} {mode}] {impl}: timing')
-  return harness.time_runners(
-      [runner], warmup=args.warmup, repeats=args.repeats,
-      steps_per_sample=args.steps_per_sample, interleave=False)[impl]
+  return harness.time_runner(runner, warmup=args.warmup, repeats=args.repeats,
+                             steps_per_sample=args.steps_per_sample)
 
 
 _CHILD_MARK = 'THROUGHPUT_CELL '
