@@ -295,4 +295,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == '__main__':
+  harness.reexec_with_hugepages()
   main()

@@ -79,6 +79,18 @@ def results_path(args) -> Path | None:
   return None if args.quick else RESULTS_PATH
 
 
+def reexec_with_hugepages() -> None:
+  """For a script's `__main__` block only (never a library call: it replaces
+  the process): restart once with host memory in huge pages, as
+  `effnetv2_jax.main` does, so the scripts time what the trainer runs. Every
+  implementation, timm and Keras included, then runs in that environment;
+  `EFFNETV2_HUGEPAGES=0` measures without."""
+  if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+  from effnetv2_jax import host_memory
+  host_memory.reexec_with_hugepages()
+
+
 def setup_process(threads: int | None) -> int:
   """Pins this process to `threads` cores, before any framework starts.
 
@@ -201,6 +213,11 @@ def _git_state() -> str:
   return (head or 'no commit') + (' + local changes' if dirty else '')
 
 
+def _host_memory_status() -> str:
+  from effnetv2_jax import host_memory
+  return host_memory.status()
+
+
 def environment(threads: int) -> dict:
   """Versions, devices, threads and load: printed above every table."""
   env = {
@@ -211,6 +228,7 @@ def environment(threads: int) -> dict:
       'load_avg_1min': round(os.getloadavg()[0], 2),
       'code': _git_state(),
       'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+      'host_memory': _host_memory_status(),
   }
   for dist in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'timm', 'keras',
                'tensorflow', 'tensorflow-cpu'):

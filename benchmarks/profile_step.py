@@ -194,4 +194,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  harness.reexec_with_hugepages()
   main()

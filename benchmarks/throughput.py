@@ -230,4 +230,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == '__main__':
+  harness.reexec_with_hugepages()
   main()

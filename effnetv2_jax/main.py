@@ -12,6 +12,12 @@ import logging
 import os
 import sys
 
+if __name__ == '__main__':
+  # Before anything starts threads: XLA:CPU train steps run 1.1-1.6x faster
+  # with host memory in huge pages, and glibc reads that only at start-up.
+  from effnetv2_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_hugepages()
+
 # TensorFlow's C++ start-up banners (oneDNN, CUDA probing) are noise here.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

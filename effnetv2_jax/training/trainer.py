@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effnetv2_jax import host_memory
 from effnetv2_jax.models import xla_options
 from effnetv2_jax.training import checkpointing
 from effnetv2_jax.training import config_checks
@@ -409,6 +410,8 @@ def train_and_evaluate(config, workdir: str, *,
   log.info('mesh %s over %d %s devices; BN moments over %s',
                dict(mesh.shape), jax.device_count(), jax.default_backend(),
                f'{bn_groups} groups' if bn_groups > 1 else 'the global batch')
+  if jax.default_backend() == 'cpu':
+    log.info('host memory: %s', host_memory.status())
 
   # ---- Plan ----------------------------------------------------------------
   prog = config.progressive.to_dict()
