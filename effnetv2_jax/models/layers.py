@@ -286,17 +286,13 @@ def _bn_bwd(groups, epsilon, activation, out_dtype, residuals, cotangents):
   del epsilon
   x, scale, bias, mean, inv = residuals
   d_out, d_mean, d_var = cotangents
-  # XLA:CPU hands reductions, and matmuls with their element-wise consumers,
-  # to YNNPACK, whose fusions take full-size operands only: the broadcast
-  # scale, bias, mean and 1/std were written out as whole tensors (40-70 ms
-  # of a B0 train step). The barriers keep the SiLU derivative and the
-  # normalisation in XLA's loop fusions, which broadcast for free, and the
-  # reductions read plain dy and x: sum(dy x_hat) = inv (sum(dy x) - mean
-  # sum(dy)). B0 224 px train, batch 8: 692 -> 619 ms (median of 30 steps,
-  # A/B in one process). GPUs fuse all of this already.
+  # XLA:CPU hands reductions to YNNPACK, whose fusions read per-channel
+  # operands as full-size tensors: the reduction of dy * x_hat took mean and
+  # 1/std broadcast to the whole batch. On CPU it reads plain dy and x
+  # instead, sum(dy x_hat) = inv (sum(dy x) - mean sum(dy)): B0 224 px
+  # train, batch 8, 707 -> 617 ms (median of 30 steps, A/B in one process).
+  # The subtraction loses about mean/std x float32 epsilon, relatively.
   on_cpu = _bn_backward_for_cpu()
-  if on_cpu:
-    d_out = jax.lax.optimization_barrier(d_out)
   grouped = x.astype(jnp.float32).reshape(
       (groups, x.shape[0] // groups) + x.shape[1:])
   axes = tuple(range(1, grouped.ndim - 1))
@@ -309,13 +305,11 @@ def _bn_bwd(groups, epsilon, activation, out_dtype, residuals, cotangents):
     y = (x_hat * scale + bias).astype(out_dtype).astype(jnp.float32)
     sig = jax.nn.sigmoid(y)
     dy = dy * (sig * (1 + y * (1 - sig)))
+  sum_dy = dy.sum(axes, keepdims=True)
   if on_cpu:
-    dy = jax.lax.optimization_barrier(dy)
-    sum_dy = dy.sum(axes, keepdims=True)
     sum_dy_xhat = inv * ((dy * grouped).sum(axes, keepdims=True)
                          - mean * sum_dy)
   else:
-    sum_dy = dy.sum(axes, keepdims=True)
     sum_dy_xhat = (dy * x_hat).sum(axes, keepdims=True)
   dx = (scale * inv) * (dy - (sum_dy + x_hat * sum_dy_xhat) / count)
   # The returned moments feed only the running statistics; their cotangents
