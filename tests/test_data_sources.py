@@ -189,17 +189,20 @@ def image_folder(tmp_path):
   (root / 'train' / 'ant' / 'photo.jpg').write_bytes(jpeg.getvalue())
   # Bad inputs: random bytes with a PNG name, a PNG cut in half, a text
   # file, an empty file, random bytes behind a PNG signature, a scrambled JPEG.
-  (root / 'train' / 'ant' / 'broken.png').write_bytes(os.urandom(300))
+  noise = lambda seed, n: np.random.RandomState(seed).bytes(n)
+  (root / 'train' / 'ant' / 'broken.png').write_bytes(noise(1, 300))
   good = (root / 'train' / 'ant' / '0.png').read_bytes()
   (root / 'train' / 'zebra' / 'truncated.png').write_bytes(good[:len(good) // 2])
   (root / 'train' / 'moth' / 'notes.txt').write_text('not an image')
   (root / 'val' / 'moth' / 'empty.jpg').write_bytes(b'')
-  (root / 'val' / 'zebra' / 'garbage.png').write_bytes(b'\x89PNG\r\n\x1a\n'
-                                                      + os.urandom(64))
+  (root / 'val' / 'zebra' / 'garbage.png').write_bytes(
+      b'\x89PNG\r\n\x1a\n' + noise(2, 64))
   # A JPEG whose headers are intact but whose compressed data is noise.
+  # Seeded: libjpeg only warns about some noise, and PIL then loads ~9% of
+  # random scans (the pipeline drops those when TF fails to decode them).
   start_of_scan = jpeg.getvalue().index(b'\xff\xda')
   (root / 'train' / 'moth' / 'scrambled.jpg').write_bytes(
-      jpeg.getvalue()[:start_of_scan + 20] + os.urandom(2000))
+      jpeg.getvalue()[:start_of_scan + 20] + noise(0, 2000))
   return str(root)
 
 
