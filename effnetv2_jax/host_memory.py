@@ -100,6 +100,9 @@ def status(environ: Mapping[str, str] | None = None) -> str:
   tunables = environ.get('GLIBC_TUNABLES', '')
   if f'{TUNABLE}=1' in tunables.split(':'):
     return f'glibc huge pages ({TUNABLE}=1, kernel THP {kernel_thp_mode()})'
+  glibc = glibc_version()
+  if glibc is None or glibc < _MIN_GLIBC:
+    return 'default allocator (no glibc >= 2.35: no huge-page tunable)'
   return (f'glibc default, 4 KiB pages (start Python with GLIBC_TUNABLES='
           f'{TUNABLE}=1 for faster XLA:CPU train steps)')
 
