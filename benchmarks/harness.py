@@ -213,13 +213,9 @@ def _git_state() -> str:
   return (head or 'no commit') + (' + local changes' if dirty else '')
 
 
-def _host_memory_status() -> str:
-  from effnetv2_jax import host_memory
-  return host_memory.status()
-
-
 def environment(threads: int) -> dict:
   """Versions, devices, threads and load: printed above every table."""
+  from effnetv2_jax import host_memory
   env = {
       'date': datetime.datetime.now(datetime.timezone.utc).strftime(
           '%Y-%m-%d %H:%M UTC'),
@@ -228,7 +224,7 @@ def environment(threads: int) -> dict:
       'load_avg_1min': round(os.getloadavg()[0], 2),
       'code': _git_state(),
       'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
-      'host_memory': _host_memory_status(),
+      'host_memory': host_memory.status(),
   }
   for dist in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'timm', 'keras',
                'tensorflow', 'tensorflow-cpu'):

@@ -114,12 +114,12 @@ def reexec_with_hugepages() -> None:
   TensorFlow start: it does not return when it re-executes (same PID, same
   arguments, same standard streams). Returns where it does not apply.
   """
-  env = hugepage_environment(os.environ, glibc_version(), kernel_thp_mode())
+  # The guard stops a loop should glibc drop the variable on the way.
   argv = getattr(sys, 'orig_argv', None)
-  if env is None or not argv:
+  if not argv or os.environ.get('_EFFNETV2_REEXECUTED'):
     return
-  # A guard against a loop should glibc drop the variable on the way.
-  if os.environ.get('_EFFNETV2_REEXECUTED'):
+  env = hugepage_environment(os.environ, glibc_version(), kernel_thp_mode())
+  if env is None:
     return
   env['_EFFNETV2_REEXECUTED'] = '1'
   sys.stdout.flush()

@@ -111,7 +111,7 @@ def test_batchnorm_fast_backward_matches_autodiff(groups, activation,
   # Both backward forms, whatever backend runs the test. The CPU form sums
   # dy * x and subtracts mean * sum(dy): a mean 20x the standard deviation
   # checks that the cancellation stays small.
-  monkeypatch.setattr(layers, '_bn_backward_for_cpu', lambda: cpu_form)
+  monkeypatch.setattr(layers, '_cpu_tuned_backward', lambda: cpu_form)
   k1, k2, k3 = jax.random.split(jax.random.key(groups), 3)
   x = 20.0 + jax.random.normal(k1, (8, 5, 4, 6))
   scale = 1.0 + 0.3 * jax.random.normal(k2, (6,))

@@ -146,6 +146,12 @@ def _shifted_bwd(stride, residuals, dy):
 DEPTHWISE_GRAD_CHUNK_BYTES = 1 << 20
 
 
+def _cpu_tuned_backward() -> bool:
+  """Whether the backward passes take their XLA:CPU forms (decided at trace
+  time; tests force either form)."""
+  return jax.default_backend() == 'cpu'
+
+
 def _largest_divisor_at_most(n: int, limit: int) -> int:
   return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
 
@@ -167,7 +173,7 @@ def _depthwise_kernel_grad(x_pad, dy, kh: int, kw: int, stride: int):
                 axis=(0, 1, 2))
         for _, _, tap in _strided_taps(x_pad, kh, kw, stride, out_h, out_w)])
 
-  if jax.default_backend() != 'cpu':
+  if not _cpu_tuned_backward():
     # A GPU (shifted form chosen by hand) has no small cache to fit and
     # would run the chunks one after another.
     return taps_dot_dy(x_pad, dy)
@@ -278,10 +284,6 @@ def _bn_fwd(x, scale, bias, groups, epsilon, activation, out_dtype):
           (x, scale, bias, mean, inv))
 
 
-def _bn_backward_for_cpu() -> bool:
-  return jax.default_backend() == 'cpu'
-
-
 def _bn_bwd(groups, epsilon, activation, out_dtype, residuals, cotangents):
   del epsilon
   x, scale, bias, mean, inv = residuals
@@ -292,7 +294,7 @@ def _bn_bwd(groups, epsilon, activation, out_dtype, residuals, cotangents):
   # instead, sum(dy x_hat) = inv (sum(dy x) - mean sum(dy)): B0 224 px
   # train, batch 8, 707 -> 617 ms (median of 30 steps, A/B in one process).
   # The subtraction loses about mean/std x float32 epsilon, relatively.
-  on_cpu = _bn_backward_for_cpu()
+  on_cpu = _cpu_tuned_backward()
   grouped = x.astype(jnp.float32).reshape(
       (groups, x.shape[0] // groups) + x.shape[1:])
   axes = tuple(range(1, grouped.ndim - 1))
