@@ -1,7 +1,8 @@
 """Fast paths in models/layers.py compute what their reference paths compute.
 
 Forward values and gradients of: the shifted depthwise convolution (with its
-hand-written backward) against XLA's grouped convolution, and the training
+hand-written backward) against XLA's grouped convolution, the 1x1
+convolution's CPU backward against autodiff of its einsum, and the training
 BatchNorm (+ SiLU) with its hand-written backward against plain autodiff;
 then a whole small model's loss gradient with the fast paths against the
 reference ones.
@@ -91,6 +92,36 @@ def test_shifted_depthwise_bfloat16_keeps_dtype_and_float32_kernel_grad():
   assert yf.dtype == gf[0].dtype == gf[1].dtype == jnp.bfloat16
   for a, b in ((yf, yr), (gf[0], gr[0]), (gf[1], gr[1])):
     assert _rel_err(a, b) < 2e-2
+
+
+# ------------------------------------------------------------ pointwise
+
+
+@pytest.mark.parametrize('channels_in,channels_out', [(12, 5), (5, 12), (7, 7)])
+def test_pointwise_conv_cpu_backward_matches_autodiff(channels_in,
+                                                      channels_out):
+  """The CPU form computes the kernel gradient with the narrower operand
+  first (then transposes); both orders, and equal widths, match autodiff
+  of the plain einsum."""
+  k1, k2 = jax.random.split(jax.random.key(channels_in * 10 + channels_out))
+  x = jax.random.normal(k1, (3, 5, 4, channels_in))
+  w = jax.random.normal(k2, (channels_in, channels_out))
+  fast = layers._pointwise_conv_cpu
+  ref = lambda x, w: jnp.einsum('bhwc,cd->bhwd', x, w)
+  (yf, gf), (yr, gr) = _vjp_both(fast, ref, (x, w))
+  assert gf[1].shape == w.shape
+  assert _rel_err(yf, yr) < 1e-6
+  assert _rel_err(gf[0], gr[0]) < 1e-6
+  assert _rel_err(gf[1], gr[1]) < 1e-6
+
+
+def test_pointwise_conv_takes_the_cpu_form_only_on_cpu(monkeypatch):
+  x, w = jnp.ones((2, 3, 3, 4)), jnp.ones((4, 6))
+  for cpu_form in (True, False):
+    monkeypatch.setattr(layers, '_cpu_tuned_backward', lambda: cpu_form)
+    # A fresh function each time: make_jaxpr caches traces per function.
+    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.pointwise_conv(x, w))(x, w))
+    assert ('custom_vjp_call' in jaxpr) == cpu_form
 
 
 def test_auto_depthwise_is_shifted_on_cpu_and_names_are_checked():

@@ -54,7 +54,7 @@ class Conv2D(nnx.Module):
     x = x.astype(self.dtype)
     if kernel.shape[:2] == (1, 1) and self.stride == 1:
       # A 1x1 convolution is a matmul; XLA:CPU runs dot faster than conv.
-      y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0].astype(self.dtype))
+      y = pointwise_conv(x, kernel[0, 0].astype(self.dtype))
     else:
       y = jax.lax.conv_general_dilated(
           x, kernel.astype(self.dtype), (self.stride, self.stride), 'SAME',
@@ -62,6 +62,44 @@ class Conv2D(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def pointwise_conv(x, kernel):
+  """x [..., C] times kernel [C, D]; on CPU with the kernel gradient below."""
+  if _cpu_tuned_backward():
+    return _pointwise_conv_cpu(x, kernel)
+  return jnp.einsum('...c,cd->...d', x, kernel)
+
+
+@jax.custom_vjp
+def _pointwise_conv_cpu(x, kernel):
+  return jnp.einsum('...c,cd->...d', x, kernel)
+
+
+def _pointwise_fwd(x, kernel):
+  return _pointwise_conv_cpu(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = jnp.einsum('...d,cd->...c', dy, kernel)
+  rows_x = x.reshape(-1, x.shape[-1])
+  rows_dy = dy.reshape(-1, dy.shape[-1])
+  over_rows = (((0,), (0,)), ((), ()))
+  # Both orders are the same sum over rows. XLA:CPU leaves this dot to its
+  # own emitter, which runs 1.5-2.8x faster when the operand with fewer
+  # channels comes first: [25088, 128] x [25088, 32] took 6.8 ms one way
+  # and 2.9 ms the other (one core). The transpose after is kernel-sized;
+  # the barrier keeps XLA from folding it back into the slow order.
+  if rows_dy.shape[1] < rows_x.shape[1]:
+    dk = jax.lax.optimization_barrier(
+        jax.lax.dot_general(rows_dy, rows_x, over_rows)).T
+  else:
+    dk = jax.lax.dot_general(rows_x, rows_dy, over_rows)
+  return dx, dk.astype(kernel.dtype)
+
+
+_pointwise_conv_cpu.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def resolve_depthwise_impl(impl: str) -> str:
