@@ -79,16 +79,16 @@ def results_path(args) -> Path | None:
   return None if args.quick else RESULTS_PATH
 
 
-def reexec_with_hugepages() -> None:
+def reexec_for_host_memory() -> None:
   """For a script's `__main__` block only (never a library call: it replaces
-  the process): restart once with host memory in huge pages, as
+  the process): restart once with tcmalloc or huge pages, as
   `effnetv2_jax.main` does, so the scripts time what the trainer runs. Every
   implementation, timm and Keras included, then runs in that environment;
-  `EFFNETV2_HUGEPAGES=0` measures without."""
+  `EFFNETV2_HOST_MEMORY=off` measures without."""
   if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
   from effnetv2_jax import host_memory
-  host_memory.reexec_with_hugepages()
+  host_memory.reexec_for_host_memory()
 
 
 def setup_process(threads: int | None) -> int:

@@ -194,5 +194,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  harness.reexec_with_hugepages()
+  harness.reexec_for_host_memory()
   main()

@@ -323,5 +323,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == '__main__':
-  harness.reexec_with_hugepages()
+  harness.reexec_for_host_memory()
   main()
