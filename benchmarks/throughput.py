@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,12 @@ def parse_args(argv=None):
   parser.add_argument('--same-process', action='store_true',
                       help='time every implementation in this process '
                            '(default: each in a fresh process of its own)')
+  parser.add_argument('--reference-memory', choices=('same', 'stock'),
+                      default='same',
+                      help='host allocator of the reference implementations: '
+                           'same = the tcmalloc / huge pages ours restarts '
+                           'with (default); stock = the environment as it '
+                           'was before that restart, as their users run them')
   parser.add_argument('--child-cell', nargs=7, default=None,
                       help=argparse.SUPPRESS)
   parser.add_argument('--steps-per-sample', type=int, default=None,
@@ -146,8 +153,12 @@ def _time_isolated(args, impl, variant, size, batch, mode, dtype, threads
          impl, variant, str(size), str(batch), mode, dtype, str(threads),
          '--warmup', str(args.warmup), '--repeats', str(args.repeats),
          '--steps-per-sample', str(args.steps_per_sample)]
+  env = None
+  if args.reference_memory == 'stock' and not impl.startswith('ours'):
+    from effnetv2_jax import host_memory
+    env = host_memory.original_environment(os.environ)
   proc = subprocess.run(cmd, cwd=harness.REPO_ROOT, stdout=subprocess.PIPE,
-                        text=True)
+                        text=True, env=env)
   for line in proc.stdout.splitlines():
     if line.startswith(_CHILD_MARK):
       return json.loads(line[len(_CHILD_MARK):])
@@ -169,6 +180,8 @@ def main(argv=None) -> list[dict]:
     impl, variant, size, batch, mode, dtype, _ = args.child_cell
     timing = _time_one(args, impl, variant, int(size), int(batch), mode,
                        dtype, threads)
+    from effnetv2_jax import host_memory
+    timing['host_memory'] = host_memory.status()
     print(_CHILD_MARK + json.dumps(timing), flush=True)
     return []
   device = jax.devices()[0].device_kind
@@ -192,6 +205,8 @@ def main(argv=None) -> list[dict]:
           row = dict(variant=variant, image_size=size, batch=batch, mode=mode,
                      impl=impl, dtype=dtype, device=device)
           t = timings[impl]
+          if 'host_memory' in t:  # JSON rows only: how that process allocated
+            row['host_memory'] = t['host_memory']
           if 'samples' in t:
             row.update(harness.summarize(t['samples'], batch))
             row['first_step_s'] = t['first_step_s']
@@ -209,6 +224,10 @@ def main(argv=None) -> list[dict]:
   env['isolation'] = ('all implementations in this process, one after '
                       'another' if args.same_process else
                       'each implementation in its own process, alone')
+  if not args.same_process:
+    env['reference_host_memory'] = (
+        'same as ours' if args.reference_memory == 'same' else
+        'stock: the environment before the host-memory restart')
   if peak:
     env['bf16_matmul_peak_TFLOPs'] = round(peak / 1e12, 1)
   columns = [('variant', 'variant'), ('image_size', 'px'), ('batch', 'batch'),

@@ -40,6 +40,7 @@ This module imports nothing beyond the standard library: it runs before JAX.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -61,6 +62,8 @@ _TCMALLOC_REPORT = 'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD'
 _THP_MODE = '/sys/kernel/mm/transparent_hugepage/enabled'
 _MIN_GLIBC = (2, 35)
 _GUARD = '_EFFNETV2_REEXECUTED'
+# The values the restart replaced, as JSON, for `original_environment`.
+_BEFORE = '_EFFNETV2_HOST_MEMORY_BEFORE'
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +192,22 @@ def status(environ: Mapping[str, str] | None = None,
   return f'glibc default, 4 KiB pages ({hint} or GLIBC_TUNABLES={TUNABLE}=1)'
 
 
+def original_environment(environ: Mapping[str, str]) -> dict[str, str]:
+  """`environ` as it was before `reexec_for_host_memory` changed it, with
+  `EFFNETV2_HOST_MEMORY=off` so that a child started with it stays that way
+  (the benchmarks run the reference implementations so, on request)."""
+  env = dict(environ)
+  before = json.loads(env.pop(_BEFORE, '{}'))
+  env.pop(_GUARD, None)
+  for key, value in before.items():
+    if value is None:
+      env.pop(key, None)
+    else:
+      env[key] = value
+  env[MODE_VARIABLE] = 'off'
+  return env
+
+
 def reexec_for_host_memory() -> None:
   """Re-executes this command with tcmalloc or huge pages, when one applies.
 
@@ -207,6 +226,8 @@ def reexec_for_host_memory() -> None:
       thp_mode=kernel_thp_mode())
   if env is None:
     return
+  env[_BEFORE] = json.dumps({key: os.environ.get(key) for key in env
+                             if env[key] != os.environ.get(key)})
   env[_GUARD] = '1'
   sys.stdout.flush()
   sys.stderr.flush()

@@ -44,11 +44,11 @@ def _run(script, args, env):
   assert rows, proc.stdout[-2000:]
   # The human-readable report goes to stderr under --json.
   assert '| ' in proc.stderr and 'jax: ' in proc.stderr
-  return rows
+  return rows, proc.stderr
 
 
 def test_throughput_quick_rows(script_env):
-  rows = _run('throughput', [], script_env)
+  rows, _ = _run('throughput', [], script_env)
   assert {(r['mode'], r['impl']) for r in rows} == {
       ('train', 'ours'), ('infer', 'ours'), ('train', 'timm'),
       ('infer', 'timm')}
@@ -63,8 +63,13 @@ def test_throughput_quick_rows(script_env):
 
 
 def test_throughput_quick_references(script_env):
-  rows = _run('throughput', ['--variant', 'b0', '--impls', 'timm', 'keras'],
-              script_env)
+  # The references as their users run them, without our host allocator.
+  rows, report = _run('throughput', ['--variant', 'b0', '--impls', 'timm',
+                                     'keras', '--reference-memory', 'stock'],
+                      script_env)
+  assert 'reference_host_memory: stock' in report
+  for r in rows:
+    assert not r['host_memory'].startswith(('tcmalloc', 'glibc huge')), r
   by_key = {(r['mode'], r['impl']): r for r in rows}
   assert set(by_key) == {('train', 'timm'), ('infer', 'timm'),
                          ('train', 'keras'), ('infer', 'keras')}
@@ -75,7 +80,7 @@ def test_throughput_quick_references(script_env):
 
 
 def test_compile_quick_rows(script_env):
-  rows = _run('compile', [], script_env)
+  rows, _ = _run('compile', [], script_env)
   assert [(r['scenario'], r['stage']) for r in rows] == [
       ('cold', 1), ('cached', 1), ('exported', 1)]
   for r in rows:
@@ -89,7 +94,7 @@ def test_compile_quick_rows(script_env):
 
 
 def test_progressive_quick_rows(script_env):
-  rows = _run('progressive', [], script_env)
+  rows, _ = _run('progressive', [], script_env)
   speedup = rows[-1]
   assert speedup['run'] == 'speedup'
   assert speedup['predicted'] > 1 and speedup['measured'] > 0

@@ -112,6 +112,23 @@ def test_status_names_what_is_in_use():
   assert 'LD_PRELOAD' in plain
 
 
+def test_original_environment_undoes_the_restart(monkeypatch):
+  before = {'PATH': '/bin', 'LD_PRELOAD': '/x/libfoo.so'}
+  for key in list(os.environ):
+    monkeypatch.delenv(key)
+  for key, value in before.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setattr(host_memory, 'find_tcmalloc', lambda: TC)
+  monkeypatch.setattr(sys, 'orig_argv', ['python', '-c', 'pass'])
+  started = {}
+  monkeypatch.setattr(os, 'execve',
+                      lambda exe, argv, env: started.update(env))
+  host_memory.reexec_for_host_memory()
+  assert started['LD_PRELOAD'] == f'{TC}:/x/libfoo.so'
+  assert host_memory.original_environment(started) == {
+      **before, 'EFFNETV2_HOST_MEMORY': 'off'}
+
+
 # ------------------------------------------------------------ restart, real
 
 
