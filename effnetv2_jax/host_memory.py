@@ -10,9 +10,10 @@ time per S 224 px step.
 Two remedies, the first found wins:
 1. **tcmalloc** (`libtcmalloc_minimal.so.4` or `libtcmalloc.so.4`; Debian and
    Ubuntu: `apt install libtcmalloc-minimal4`) keeps freed memory for the
-   next step: ~0 faults, 8-30 ms of system time per step. S train step, 2
-   cores, batch 8, glibc huge pages -> tcmalloc: 224 px 2197 -> 1552 ms, 128
-   px 1150 -> 602 ms; B0 224 px 607 -> 541 ms.
+   next step: ~0 faults. System CPU time per train step (2 cores, batch 8),
+   glibc huge pages -> tcmalloc: S 224 px 0.8-1.2 s -> 31 ms, S 128 px 181
+   -> 18 ms, B0 224 px 154 -> 8 ms; wall time S 224 px 2197 -> 1552 ms, B0
+   224 px 607 -> 541 ms (one run each, `/proc` rusage around 12-15 steps).
 2. **glibc huge pages**: the tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35)
    asks for 2 MiB pages, about 500 faults per B0 step, but the kernel still
    zeroes every page each step. Against glibc's defaults: S 128 px 6.9-9.3
@@ -31,7 +32,7 @@ Rejected, measured: glibc's `M_MMAP_MAX=0` keeps the buffer only if the step
 runs on the main thread (JAX's synchronous CPU dispatch), which made
 inference up to 1.8x slower; one malloc arena for all threads
 (`glibc.malloc.arena_max=1`, with `mmap_max=0`) removed the faults but cost
-more user time than it saved (B0 224 px: 607 -> 821 ms); jemalloc 5.3 with
+more user time than it saved (B0 224 px: 557 -> 821 ms); jemalloc 5.3 with
 its defaults returns buffers this large to the kernel at once (175,000
 faults per B0 step).
 
