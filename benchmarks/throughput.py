@@ -60,6 +60,9 @@ def parse_args(argv=None):
                       help='steps per timed sample (default 1 on CPU, 10 on '
                            'GPU, where one host sync per step would show)')
   args = parser.parse_args(argv)
+  if args.same_process and args.reference_memory == 'stock':
+    parser.error('--reference-memory stock needs a process per '
+                 'implementation (drop --same-process)')
   if args.quick:
     # Ours on a two-block model (a full model's train step takes a minute to
     # compile on 2 cores); name a real variant to exercise the references.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import harness, macs, progressive
+from benchmarks import harness, macs, progressive, throughput
 from benchmarks import compile as compile_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,3 +152,9 @@ def test_summary_and_table():
   table = harness.markdown_table([{'a': 1.23456, 'b': None}],
                                  [('a', 'A'), ('b', 'B')])
   assert table.splitlines() == ['| A | B |', '|---|---|', '| 1.23 | - |']
+
+
+def test_throughput_rejects_stock_references_in_one_process(capsys):
+  with pytest.raises(SystemExit):
+    throughput.parse_args(['--same-process', '--reference-memory', 'stock'])
+  assert 'drop --same-process' in capsys.readouterr().err
