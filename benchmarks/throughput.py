@@ -33,6 +33,7 @@ if __package__ in (None, ''):  # run as a file: make `benchmarks` importable
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import harness  # noqa: E402
+from effnetv2_jax import host_memory  # noqa: E402
 
 DEFAULT_IMPLS = ('ours', 'timm', 'timm-compile', 'keras')
 ALL_IMPLS = ('ours', 'ours-xla-dw', 'timm', 'timm-compile', 'timm-native',
@@ -158,7 +159,6 @@ def _time_isolated(args, impl, variant, size, batch, mode, dtype, threads
          '--steps-per-sample', str(args.steps_per_sample)]
   env = None
   if args.reference_memory == 'stock' and not impl.startswith('ours'):
-    from effnetv2_jax import host_memory
     env = host_memory.original_environment(os.environ)
   proc = subprocess.run(cmd, cwd=harness.REPO_ROOT, stdout=subprocess.PIPE,
                         text=True, env=env)
@@ -183,7 +183,6 @@ def main(argv=None) -> list[dict]:
     impl, variant, size, batch, mode, dtype, _ = args.child_cell
     timing = _time_one(args, impl, variant, int(size), int(batch), mode,
                        dtype, threads)
-    from effnetv2_jax import host_memory
     timing['host_memory'] = host_memory.status()
     print(_CHILD_MARK + json.dumps(timing), flush=True)
     return []

@@ -214,17 +214,19 @@ def reexec_for_host_memory() -> None:
 
   Call it first thing in a command-line entry point, before JAX or
   TensorFlow start: it does not return when it re-executes (same PID, same
-  arguments, same standard streams). Returns where nothing applies. Raises
-  ValueError for an unknown `EFFNETV2_HOST_MEMORY`.
+  arguments, same standard streams). Returns where nothing applies. An
+  unknown `EFFNETV2_HOST_MEMORY` ends the command with a one-line error.
   """
-  requested_mode(os.environ)
   # The guard stops a loop should the loader or glibc drop the variables.
   argv = getattr(sys, 'orig_argv', None)
   if not argv or os.environ.get(_GUARD):
     return
-  env = host_memory_environment(
-      os.environ, tcmalloc=find_tcmalloc(), glibc=glibc_version(),
-      thp_mode=kernel_thp_mode())
+  try:
+    env = host_memory_environment(
+        os.environ, tcmalloc=find_tcmalloc(), glibc=glibc_version(),
+        thp_mode=kernel_thp_mode())
+  except ValueError as e:  # a user's typo: say so, without a traceback
+    sys.exit(f'error: {e}')
   if env is None:
     return
   env[_BEFORE] = json.dumps({key: os.environ.get(key) for key in env

@@ -91,6 +91,18 @@ def test_unknown_mode_is_an_error(value):
     _env({'EFFNETV2_HOST_MEMORY': value}, tcmalloc=TC)
 
 
+def test_entry_point_reports_an_unknown_mode_without_a_traceback():
+  env = {k: v for k, v in os.environ.items() if k != '_EFFNETV2_REEXECUTED'}
+  env['EFFNETV2_HOST_MEMORY'] = 'tcmaloc'
+  proc = subprocess.run(
+      [sys.executable, '-c', 'from effnetv2_jax import host_memory; '
+       'host_memory.reexec_for_host_memory(); print("ran on")'],
+      cwd=ROOT, env=env, capture_output=True, text=True)
+  assert proc.returncode == 1 and 'ran on' not in proc.stdout
+  assert "EFFNETV2_HOST_MEMORY='tcmaloc'" in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
 def test_find_tcmalloc_takes_the_minimal_library_first(tmp_path):
   first, second = tmp_path / 'a', tmp_path / 'b'
   first.mkdir()

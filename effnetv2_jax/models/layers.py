@@ -64,16 +64,18 @@ class Conv2D(nnx.Module):
     return y
 
 
+def _channels_matmul(x, kernel):
+  return jnp.einsum('...c,cd->...d', x, kernel)
+
+
 def pointwise_conv(x, kernel):
   """x [..., C] times kernel [C, D]; on CPU with the kernel gradient below."""
   if _cpu_tuned_backward():
     return _pointwise_conv_cpu(x, kernel)
-  return jnp.einsum('...c,cd->...d', x, kernel)
+  return _channels_matmul(x, kernel)
 
 
-@jax.custom_vjp
-def _pointwise_conv_cpu(x, kernel):
-  return jnp.einsum('...c,cd->...d', x, kernel)
+_pointwise_conv_cpu = jax.custom_vjp(_channels_matmul)
 
 
 def _pointwise_fwd(x, kernel):
