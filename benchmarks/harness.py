@@ -33,7 +33,9 @@ RESULTS_PATH = Path(__file__).resolve().with_name('RESULTS.md')
 
 # XLA flags that paid for this model (benchmarks/README.md): on GPU, cuBLAS
 # instead of Triton GEMMs took 5% off the S train step. XLA:CPU ignores it.
-# Set XLA_FLAGS yourself to override (a flag already named there wins).
+# The model's programs get it per compilation (effnetv2_jax/models/
+# xla_options.py, as in the trainer); the flag covers the scripts' other
+# programs (the matmul peak). A flag already named in XLA_FLAGS wins.
 RECOMMENDED_XLA_FLAGS: tuple[str, ...] = (
     '--xla_gpu_enable_triton_gemm=false',)
 

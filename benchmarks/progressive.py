@@ -5,8 +5,10 @@ process: once at the largest image size throughout ('fixed'), once in
 `--stages` equal stages of growing size ('progressive', the official
 schedule). The predicted speedup is fixed MACs / progressive MACs
 (benchmarks/macs.py); the measured one is the ratio of wall times, and the
-difference is split into compiles, input-pipeline rebuilds and steady-state
-steps, with the step count from which the run reaches 90% of the prediction.
+difference is split into compiles, input-pipeline rebuilds, each stage's
+first step (a new program's first execution) and steady-state steps, with the
+step count from which the run reaches 90% of the prediction. Each stage's
+figures are printed to stderr as it ends.
 
 The training loop is self-contained and synthetic, and says so in its rows:
 the train step of benchmarks/workloads.py on random images from a small
@@ -22,7 +24,8 @@ Augmentation cost is not modelled.
 --precompile: 'none' compiles each stage's step when the stage starts; 'ahead'
 compiles every stage before the first step; 'background' compiles stage k+1 in
 a thread while stage k trains (the compile overlaps training; time spent
-waiting for it at the stage boundary is counted as compile).
+waiting for it at the stage boundary is counted as compile). Default: 'none' on
+CPU, 'ahead' on GPU, where a compile beside training slowed the H100 steps 4-10x.
 """
 
 from __future__ import annotations
@@ -184,19 +187,36 @@ def _worker(args) -> None:
     pipeline = SyntheticPipeline(batch, size, model.num_classes, seed=k)
     images, labels = pipeline.next()
     t_rebuild = time.perf_counter() - start
-    start = time.perf_counter()
+    # The first execution of a new program is timed apart from the rest: on
+    # a GPU it loads the program and sets up its library calls (the H100
+    # train step's first step took ~20 s more than its compile), which is a
+    # per-stage cost like the compile, not a slower step.
     run = compiled[size]
-    loss = None
-    for i in range(count):
+    start = time.perf_counter()
+    state, loss = run(state, images, labels, rng)
+    jax.block_until_ready(loss)
+    t_first = time.perf_counter() - start
+    overlapped = any(t.is_alive() for t in threads.values())
+    start = time.perf_counter()
+    for i in range(1, count):
+      images, labels = pipeline.next()
       state, loss = run(state, images, labels, rng)
-      if i + 1 < count:
-        images, labels = pipeline.next()
     jax.block_until_ready(loss)
     t_steps = time.perf_counter() - start
     pipeline.close()
-    stages.append(dict(image_size=size, steps=count, compile_s=t_compile,
-                       rebuild_s=t_rebuild, steps_s=t_steps,
-                       step_ms=1e3 * t_steps / max(count, 1)))
+    stage = dict(image_size=size, steps=count, compile_s=t_compile,
+                 rebuild_s=t_rebuild, first_step_s=t_first, steps_s=t_steps,
+                 step_ms=1e3 * t_steps / max(count - 1, 1),
+                 compiling_meanwhile=overlapped)
+    stages.append(stage)
+    # Progress on stderr as each stage ends, so that a run cut short by a
+    # time limit still shows the stages it finished.
+    sys.stderr.write(
+        f'  stage {k + 1}/{len(plan)} {size}px: compile {t_compile:.1f} s, '
+        f'pipeline {t_rebuild:.2f} s, first step {t_first:.2f} s, '
+        f'{count - 1} steps {t_steps:.1f} s ({stage["step_ms"]:.1f} ms/step'
+        f'{", a compile running meanwhile" if overlapped else ""})\n')
+    sys.stderr.flush()
   total = time.perf_counter() - run_start + t_ahead
   print('RESULT ' + json.dumps(dict(stages=stages, ahead_compile_s=t_ahead,
                                     total_s=total)), flush=True)
@@ -209,25 +229,35 @@ def _run_worker(spec: dict, args) -> dict:
     cmd += ['--threads', str(args.threads)]
   if args.cache_dir:
     cmd += ['--cache-dir', args.cache_dir]
-  proc = subprocess.run(cmd, cwd=harness.REPO_ROOT, capture_output=True,
-                        text=True, timeout=args.timeout)
+  # The worker's stderr (its per-stage progress) goes straight through.
+  try:
+    proc = subprocess.run(cmd, cwd=harness.REPO_ROOT, stdout=subprocess.PIPE,
+                          text=True, timeout=args.timeout)
+  except subprocess.TimeoutExpired:
+    raise SystemExit(f'progressive worker ran past --timeout {args.timeout:g}'
+                     ' s; the stages it finished are printed above') from None
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode != 0 or not lines:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    raise SystemExit(f'progressive worker failed (rc {proc.returncode}): '
-                     + ' | '.join(tail))
+    raise SystemExit(f'progressive worker failed (rc {proc.returncode}); its '
+                     'output is above')
   return json.loads(lines[-1][len('RESULT '):])
+
+
+def steady_seconds(run: dict) -> float:
+  """Seconds the run would take at its stages' steady step times: each
+  stage's first step (program load) is counted at the stage's later rate
+  (a one-step stage has no later rate: its first step counts as is)."""
+  return sum(s['steps'] * s['steps_s'] / (s['steps'] - 1) if s['steps'] > 1
+             else s['first_step_s'] for s in run['stages'])
 
 
 def _steps_for_90(fixed: dict, prog: dict, predicted: float) -> int | None:
   """Steps from which the measured speedup reaches 90% of `predicted`,
   with this run's per-step times and one-off costs; None if never."""
   def parts(run):
-    once = run['ahead_compile_s'] + sum(s['compile_s'] + s['rebuild_s']
-                                        for s in run['stages'])
+    steady = steady_seconds(run)
     steps = sum(s['steps'] for s in run['stages'])
-    per_step = sum(s['steps_s'] for s in run['stages']) / steps
-    return once, per_step
+    return run['total_s'] - steady, steady / steps
   once_f, step_f = parts(fixed)
   once_p, step_p = parts(prog)
   target = 0.9 * predicted
@@ -253,7 +283,14 @@ def main(argv=None) -> list[dict]:
   steps = args.steps or (200 if on_cpu else 400)
   max_size = (args.size or [architecture.train_size])[0]
   min_size = args.min_size or min(128, max_size // 2)
-  precompile = args.precompile or ('none' if on_cpu else 'background')
+  # On a GPU a compile running beside training slowed the H100's S steps
+  # 4-10x (likely the convolution autotuner timing candidates on that device),
+  # so the default there compiles every stage before the first step, as the
+  # trainer does on GPUs.
+  precompile = args.precompile or ('none' if on_cpu else 'ahead')
+  if steps < args.stages:
+    raise SystemExit(f'--steps {steps} is fewer than --stages {args.stages}: '
+                     'every stage needs at least one step')
   plan = schedule(max_size, args.stages, steps, min_size)
   fixed_plan = [(max_size, steps)]
 
@@ -272,7 +309,7 @@ def main(argv=None) -> list[dict]:
   def total(run, key):
     return sum(s[key] for s in run['stages'])
   measured = fixed['total_s'] / prog['total_s']
-  steady = total(fixed, 'steps_s') / total(prog, 'steps_s')
+  steady = steady_seconds(fixed) / steady_seconds(prog)
   rows = []
   device = jax.devices()[0].device_kind
   for name, run in runs.items():
@@ -285,8 +322,9 @@ def main(argv=None) -> list[dict]:
         dtype=dtype, device=device, data='synthetic', precompile=precompile,
         steps=sum(s['steps'] for s in run['stages']),
         compile_s=total(run, 'compile_s') + run['ahead_compile_s'],
-        rebuild_s=total(run, 'rebuild_s'), steps_s=total(run, 'steps_s'),
-        total_s=run['total_s']))
+        rebuild_s=total(run, 'rebuild_s'),
+        first_step_s=total(run, 'first_step_s'),
+        steps_s=total(run, 'steps_s'), total_s=run['total_s']))
   summary = dict(
       run='speedup', variant=variant, batch=batch, mode='train', dtype=dtype,
       device=device, data='synthetic', precompile=precompile,
@@ -295,6 +333,7 @@ def main(argv=None) -> list[dict]:
       steady_fraction_of_predicted=steady / predicted,
       extra_compile_s=rows[-1]['compile_s'] - rows[1]['compile_s'],
       extra_rebuild_s=rows[-1]['rebuild_s'] - rows[1]['rebuild_s'],
+      extra_first_step_s=rows[-1]['first_step_s'] - rows[1]['first_step_s'],
       steps_for_90pct=_steps_for_90(fixed, prog, predicted))
   rows.append(summary)
 
@@ -302,8 +341,10 @@ def main(argv=None) -> list[dict]:
   env['compute_dtype'] = dtype
   columns = [('run', 'run'), ('stage', 'stage'), ('image_size', 'px'),
              ('steps', 'steps'), ('compile_s', 'compile s'),
-             ('rebuild_s', 'pipeline s'), ('steps_s', 'steps s'),
-             ('step_ms', 'ms/step'), ('total_s', 'total s')]
+             ('rebuild_s', 'pipeline s'), ('first_step_s', 'first step s'),
+             ('steps_s', 'later steps s'), ('step_ms', 'ms/step'),
+             ('compiling_meanwhile', 'compile beside'),
+             ('total_s', 'total s')]
   table = harness.markdown_table(rows[:-1], columns)
   s = summary
   n90 = s['steps_for_90pct']
@@ -313,8 +354,10 @@ def main(argv=None) -> list[dict]:
       f'measured end to end **{measured:.3f}x** '
       f'({100 * s["fraction_of_predicted"]:.0f}% of predicted), steady-state '
       f'steps only {steady:.3f}x ({100 * s["steady_fraction_of_predicted"]:.0f}%'
-      f'). Progressive pays {s["extra_compile_s"]:.1f} s more compiling and '
-      f'{s["extra_rebuild_s"]:.2f} s more rebuilding pipelines; at these step '
+      f'). Progressive pays {s["extra_compile_s"]:.1f} s more compiling, '
+      f'{s["extra_rebuild_s"]:.2f} s more rebuilding pipelines and '
+      f'{s["extra_first_step_s"]:.2f} s more in first steps (a new program\'s '
+      f'first execution); at these step '
       f'times 90% of the prediction is reached from '
       + (f'{n90} steps.' if n90 is not None else
          'no step count (steady-state steps alone fall short).'))

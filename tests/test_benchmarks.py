@@ -101,7 +101,15 @@ def test_progressive_quick_rows(script_env):
   stages = [r for r in rows if r['run'] == 'progressive' and r['stage'] != 'all']
   assert len(stages) == 2 and stages[0]['image_size'] < stages[1]['image_size']
   assert sum(s['steps'] for s in stages) == 8
+  assert all(s['first_step_s'] > 0 and s['steps_s'] > 0 for s in stages)
   assert all(r['data'] == 'synthetic' for r in rows)
+
+
+def test_progressive_steady_time_counts_first_steps_at_the_later_rate():
+  run = {'total_s': 100.0, 'ahead_compile_s': 0.0, 'stages': [
+      {'steps': 5, 'first_step_s': 20.0, 'steps_s': 4.0},   # 1 s per step
+      {'steps': 1, 'first_step_s': 3.0, 'steps_s': 0.0}]}   # no later rate
+  assert progressive.steady_seconds(run) == pytest.approx(5 * 1.0 + 3.0)
 
 
 # ---------------------------------------------------------------- arithmetic

@@ -270,7 +270,7 @@ def _conv_kernel_gradient():
 
 
 def test_cpu_options_keep_convolutions_out_of_ynnpack_with_equal_results():
-  assert xla_options.compiler_options('gpu') == {}
+  assert xla_options.compiler_options('tpu') == {}
   assert 'xla_cpu_experimental_ynn_fusion_type' in (
       xla_options.compiler_options('cpu'))
   lowered, args = _conv_kernel_gradient()
@@ -292,3 +292,13 @@ def test_options_this_xla_rejects_fall_back_to_defaults(monkeypatch, caplog):
     compiled = xla_options.compile_lowered(lowered, 'cpu')
   assert np.isfinite(np.asarray(compiled(*args))).all()
   assert 'compiling with defaults' in caplog.text
+
+
+def test_gpu_options_are_options_this_xla_knows():
+  """The GPU options parse as XLA debug options (XLA:CPU accepts and ignores
+  GPU-only ones; a misspelt name is rejected, as the fallback test shows)."""
+  options = xla_options.compiler_options('gpu')
+  assert options == {'xla_gpu_enable_triton_gemm': False}
+  lowered, args = _conv_kernel_gradient()
+  compiled = lowered.compile(compiler_options=options)
+  assert np.isfinite(np.asarray(compiled(*args))).all()

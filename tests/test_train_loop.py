@@ -360,3 +360,43 @@ def test_fine_tuning_starts_from_a_training_workdir(tmp_path, cache_dir,
       atol=1e-6)
   assert np.abs(expected - jax.device_get(
       pretrained.params['stem']['conv']['kernel'])).max() > 1e-6
+
+
+# ------------------------------------------------------- compile placement --
+
+
+def test_compile_beside_training_only_off_gpu():
+  assert trainer.compile_beside_training('cpu')
+  assert trainer.compile_beside_training('tpu')
+  assert not trainer.compile_beside_training('gpu')
+
+
+@pytest.mark.parametrize('beside', [True, False])
+def test_later_stages_compile_before_stepping_where_not_beside(
+    tmp_path, cache_dir, beside):
+  """Where compiles may not run beside training (GPUs), every later stage's
+  step is compiled when the first stage starts stepping; elsewhere the loop
+  does not wait for them."""
+  waits = []
+  original = trainer.Compiler.wait_all
+
+  def recording_wait_all(self):
+    seconds = original(self)
+    waits.append((sorted(k for k in self._futures if k[0] == 'gradient'),
+                  all(f.done() for f in self._futures.values())))
+    return seconds
+
+  config = _tiny_config(compilation_cache_dir=cache_dir)
+  with mock.patch.object(trainer, 'compile_beside_training',
+                         return_value=beside), \
+       mock.patch.object(trainer.Compiler, 'wait_all', recording_wait_all):
+    _, summary = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['status'] == 'completed'
+  sizes = [s['settings']['image_size'] for s in summary['stages']]
+  assert len(sizes) == 2
+  if beside:
+    assert waits == []
+  else:
+    # Stage 1 waited for both stages' gradient steps (and the eval step).
+    keys, all_done = waits[0]
+    assert [k[2] for k in keys] == sizes and all_done

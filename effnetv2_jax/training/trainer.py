@@ -12,7 +12,9 @@ The loop, in the order it runs:
                Weights, optimizer state, EMA and step carry over.
                A train step runs as two programs: the gradient step (per
                image size) and the update step (optimizer and EMA, compiled
-               once); later stages compile in the background meanwhile.
+               once); later stages compile in the background meanwhile
+               (on a GPU: all of them before the first step, see
+               `compile_beside_training`).
   Outputs      summary.json, curves.png, clu metrics, model/ (EMA weights).
 
 Exact resume: a checkpoint holds the whole state (including the base PRNG
@@ -252,6 +254,13 @@ class Compiler:
     if key not in self._futures:
       self._futures[key] = self._pool.submit(self._compile, key)
 
+  def wait_all(self) -> float:
+    """Waits for every compile asked for so far; returns seconds waited."""
+    start = time.time()
+    for future in list(self._futures.values()):
+      future.result()
+    return time.time() - start
+
   def get(self, kind: str, *shape: int) -> tuple[Compiled, float]:
     """(compiled program, seconds this call waited for it)."""
     start = time.time()
@@ -329,6 +338,23 @@ def _eta_seconds(planner, settings, step: int, total_steps: int,
     if later.index > settings.index:
       left += later.num_steps * step_time * cost(later) / cost(settings)
   return left
+
+
+def compile_beside_training(backend: str) -> bool:
+  """Whether later stages may compile on a background thread while a stage
+  trains (else they compile before its first step).
+
+  Not on a GPU. On an H100 the S train steps ran 4-10x slower while a stage
+  compiled beside them (benchmarks/README.md), so the overlap saved about
+  nothing over compiling in the foreground. The likely cause is that XLA's
+  convolution autotuner times its candidates on the device that is
+  training; timings taken that way can also pick slow kernels, which the
+  autotune cache would then keep. TPU compiles run on the host alone; on
+  CPU the overlap is kept: there it saved 4.5-7 s of ~54 in a 4-stage run of
+  the digits model (benchmarks/RESULTS.md), the steps beside a compile
+  running ~1.3x slower.
+  """
+  return backend not in ('gpu', 'cuda', 'rocm')
 
 
 def _upcoming_shapes(planner, after_index: int) -> list[tuple[int, int]]:
@@ -791,6 +817,12 @@ def _run_stage(ctx: _Context, settings: progressive.StageSettings, state,
   if config.compile_ahead:
     for shape in _upcoming_shapes(ctx.planner, settings.index):
       ctx.compiler.prefetch('gradient', *shape)
+    if not compile_beside_training(jax.default_backend()):
+      ahead = ctx.compiler.wait_all()
+      if ahead >= 0.1:
+        reporter.text(f'later stages\' steps and the eval step compiled before '
+                      f'this stage trains ({ahead:.1f}s), not beside it: on '
+                      f'this backend the autotuner shares the device')
 
   hparams = jax.device_put(
       {k: np.float32(v) for k, v in dict(
