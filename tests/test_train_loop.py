@@ -400,3 +400,30 @@ def test_later_stages_compile_before_stepping_where_not_beside(
     # Stage 1 waited for both stages' gradient steps (and the eval step).
     keys, all_done = waits[0]
     assert [k[2] for k in keys] == sizes and all_done
+
+
+# ------------------------------------------------------ compilation cache --
+
+
+def test_compilation_cache_dir_defaults_to_the_local_workdir():
+  default = trainer.compilation_cache_dir
+  assert default(None, '/runs/a') == '/runs/a/compilation_cache'
+  assert default(None, 'gs://bucket/run') is None
+  assert default(None, '/runs/a', active='/shared/cache') == '/shared/cache'
+  assert default('/mine', '/runs/a', active='/shared/cache') == '/mine'
+  assert default('', '/runs/a', active='/shared/cache') is None
+
+
+def test_a_run_fills_its_workdir_cache_and_empty_turns_it_off(tmp_path):
+  trainer.enable_compilation_cache(None)  # whatever earlier tests left on
+  try:
+    trainer.train_and_evaluate(_tiny_config(), str(tmp_path / 'a'))
+    cache = tmp_path / 'a' / 'compilation_cache'
+    assert jax.config.jax_compilation_cache_dir == str(cache)
+    assert len(os.listdir(cache)) >= 3  # gradient, update and eval steps
+    trainer.train_and_evaluate(_tiny_config(compilation_cache_dir=''),
+                               str(tmp_path / 'b'))
+    assert jax.config.jax_compilation_cache_dir is None
+    assert not (tmp_path / 'b' / 'compilation_cache').exists()
+  finally:
+    trainer.enable_compilation_cache(None)

@@ -136,6 +136,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 100
   # Persistent XLA compilation cache; a restarted job reuses its compiles.
+  # Unset: workdir/compilation_cache for a local workdir (none for a remote
+  # one; name a directory there); '' turns it off.
   c.compilation_cache_dir = config_dict.placeholder(str)
   # At the end, write the (EMA) weights as a model directory, workdir/model,
   # which `effnetv2_jax.models.weights.load_model` and fine-tuning read.
