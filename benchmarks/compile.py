@@ -130,6 +130,7 @@ def _worker(args) -> None:
     build_s = 0.0
     row.update(_memory(compiled))
     print('ROW ' + json.dumps(row), flush=True)
+    _progress(row)
 
 
 def _memory(compiled) -> dict:
@@ -199,6 +200,18 @@ def _load_exported(args) -> None:
                compile_s=t3 - t2, total_s=t3 - t0)
     row.update(_memory(compiled))
     print('ROW ' + json.dumps(row), flush=True)
+    _progress(row)
+
+
+def _progress(row: dict) -> None:
+  """One stderr line per stage as it is done, so that a run cut short by a
+  time limit still shows the stages it finished."""
+  sys.stderr.write(
+      f'  {row["image_size"]}px: trace {row["trace_s"]:.2f} s, lower '
+      f'{row["lower_s"]:.2f} s, compile {row["compile_s"]:.1f} s'
+      + (f', memory {row["peak_gib"]:.2f} GiB' if 'peak_gib' in row else '')
+      + '\n')
+  sys.stderr.flush()
 
 
 def _run_worker(variant, sizes, args, cache_dir, export=None):
@@ -212,15 +225,16 @@ def _run_worker(variant, sizes, args, cache_dir, export=None):
     cmd += ['--threads', str(args.threads)]
   env = dict(os.environ)
   start = time.perf_counter()
+  # The worker's stderr (a line per stage) goes straight through.
   proc = subprocess.run(cmd, cwd=harness.REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=args.timeout)
+                        stdout=subprocess.PIPE, text=True,
+                        timeout=args.timeout)
   wall = time.perf_counter() - start
   rows = [json.loads(line[4:]) for line in proc.stdout.splitlines()
           if line.startswith('ROW ')]
   if proc.returncode != 0 or len(rows) != len(sizes):
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     raise RuntimeError(f'compile worker for {variant} failed '
-                       f'(rc {proc.returncode}): {" | ".join(tail)}')
+                       f'(rc {proc.returncode}); its output is above')
   return rows, wall
 
 
