@@ -58,6 +58,10 @@ def test_throughput_quick_rows(script_env):
     if r['impl'] == 'ours':
       assert r['img_s_min'] <= r['img_s_median'] <= r['img_s_max']
       assert r['img_s_median'] > 0 and r['ours_vs_this'] == 1.0
+      # Compiled ahead of time: compile and first run apart, summing up.
+      assert r['compile_s'] > 0 and r['first_run_s'] > 0
+      assert r['first_step_s'] == pytest.approx(r['compile_s']
+                                                + r['first_run_s'])
     else:  # no timm model of our micro test network
       assert r['img_s_median'] is None and 'ours only' in r['note']
 
