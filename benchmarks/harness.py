@@ -31,14 +31,6 @@ from typing import Callable, Iterable, Sequence
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = Path(__file__).resolve().with_name('RESULTS.md')
 
-# XLA flags that paid for this model (benchmarks/README.md): on GPU, cuBLAS
-# instead of Triton GEMMs took 5% off the S train step. XLA:CPU ignores it.
-# The model's programs get it per compilation (effnetv2_jax/models/
-# xla_options.py, as in the trainer); the flag covers the scripts' other
-# programs (the matmul peak). A flag already named in XLA_FLAGS wins.
-RECOMMENDED_XLA_FLAGS: tuple[str, ...] = (
-    '--xla_gpu_enable_triton_gemm=false',)
-
 
 def base_parser(description: str) -> argparse.ArgumentParser:
   """Flags shared by the scripts; each script adds its own."""
@@ -115,12 +107,19 @@ def setup_process(threads: int | None) -> int:
   # Two frameworks share one GPU: JAX must not grab 75% of it up front.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  flags = os.environ.get('XLA_FLAGS', '')
-  extra = [f for f in RECOMMENDED_XLA_FLAGS if f.split('=')[0] not in flags]
-  if extra:
-    os.environ['XLA_FLAGS'] = ' '.join([flags] + extra).strip()
   if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+  # The model's programs get the GPU options per compilation, as in the
+  # trainer; as XLA_FLAGS they also cover the scripts' other programs (the
+  # matmul peak). XLA:CPU ignores them; a flag already named there wins.
+  # (XLA reads XLA_FLAGS when its backend starts, not at import.)
+  from effnetv2_jax.models import xla_options
+  flags = os.environ.get('XLA_FLAGS', '')
+  extra = [f'--{name}={str(value).lower()}'
+           for name, value in xla_options.GPU_OPTIONS.items()
+           if f'--{name}' not in flags]
+  if extra:
+    os.environ['XLA_FLAGS'] = ' '.join([flags] + extra).strip()
   return n
 
 
