@@ -421,6 +421,10 @@ def test_a_run_fills_its_workdir_cache_and_empty_turns_it_off(tmp_path):
     cache = tmp_path / 'a' / 'compilation_cache'
     assert jax.config.jax_compilation_cache_dir == str(cache)
     assert len(os.listdir(cache)) >= 3  # gradient, update and eval steps
+    # The next run's default is its own workdir, not the cache run 'a' set.
+    trainer.train_and_evaluate(_tiny_config(), str(tmp_path / 'c'))
+    assert jax.config.jax_compilation_cache_dir == str(
+        tmp_path / 'c' / 'compilation_cache')
     trainer.train_and_evaluate(_tiny_config(compilation_cache_dir=''),
                                str(tmp_path / 'b'))
     assert jax.config.jax_compilation_cache_dir is None

@@ -69,6 +69,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 COMPILATION_CACHE_SUBDIR = 'compilation_cache'
+# The cache directory the last run in this process set, so that the next
+# run tells it apart from one the user set through `jax.config`.
+_cache_set_by_trainer: str | None = None
 
 
 def compilation_cache_dir(configured: str | None, workdir: str,
@@ -101,9 +104,11 @@ def enable_compilation_cache(directory: str | None) -> None:
       jax.config.update('jax_compilation_cache_dir', None)
       compilation_cache.reset_cache()
     return
+  global _cache_set_by_trainer
   if '://' not in directory:
     os.makedirs(directory, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', directory)
+  _cache_set_by_trainer = directory
   # Small models compile in about a second on CPU; cache every program.
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
@@ -449,8 +454,10 @@ def train_and_evaluate(config, workdir: str, *,
   # ---- Setup -------------------------------------------------------------
   config_checks.validate(config, num_devices=jax.device_count(),
                          reference=recipes.base_config())
-  cache_dir = compilation_cache_dir(config.compilation_cache_dir, workdir,
-                                    jax.config.jax_compilation_cache_dir)
+  users_cache = jax.config.jax_compilation_cache_dir
+  cache_dir = compilation_cache_dir(
+      config.compilation_cache_dir, workdir,
+      None if users_cache == _cache_set_by_trainer else users_cache)
   enable_compilation_cache(cache_dir)
   log.info('persistent compilation cache: %s', cache_dir or 'off')
   mesh = mesh_lib.mesh_from_config(config.mesh)
