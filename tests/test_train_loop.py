@@ -61,6 +61,8 @@ def cache_dir(tmp_path_factory):
     ({'mesh.model': 3}, 'config.mesh.model'),
     ({'model.bn_replicas_per_group': 3}, 'config.model.bn_replicas_per_group'),
     ({'schedule.kind': 'linear'}, 'config.schedule.kind'),
+    ({'compilation_cache_dir': '/proc/no_such_dir'},
+     'config.compilation_cache_dir'),
 ])
 def test_invalid_config_fails_at_start_naming_the_key(tmp_path, overrides,
                                                       key):

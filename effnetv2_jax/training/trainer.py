@@ -106,7 +106,13 @@ def enable_compilation_cache(directory: str | None) -> None:
     return
   global _cache_set_by_trainer
   if '://' not in directory:
-    os.makedirs(directory, exist_ok=True)
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError as e:  # a mistyped or read-only path: name the key
+      raise ConfigError(
+          f'config.compilation_cache_dir={directory!r}: cannot create it '
+          f'({e.strerror}); name a writable directory, or \'\' for no '
+          'cache') from None
   jax.config.update('jax_compilation_cache_dir', directory)
   _cache_set_by_trainer = directory
   # Small models compile in about a second on CPU; cache every program.
