@@ -174,6 +174,42 @@ def test_training_mode_uses_batch_statistics_and_updates_running_ones():
   assert abs(float(feats['stem'].mean())) < abs(float(eval_out['stem'].mean()))
 
 
+def test_tracing_a_train_step_asks_no_tracer_for_its_sharding(monkeypatch):
+  # A tracer's missing `sharding` builds an error message that walks the
+  # whole jaxpr traced so far; asked once per BatchNorm (flax's indexed
+  # assignment does), that made tracing S's train step quadratic and twice
+  # as slow. Count the asks instead of timing them.
+  asks = []
+
+  def sharding(tracer):
+    asks.append(type(tracer).__name__)
+    raise AttributeError('sharding')
+
+  monkeypatch.setattr(jax.core.Tracer, 'sharding', property(sharding))
+  graphdef, params, stats = nnx.split(_b0(), nnx.Param, nnx.BatchStat)
+  params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+  def loss(params, stats, x):
+    model = nnx.merge(graphdef, params, stats)
+    out = model(x, training=True, dropout_rate=0.0, drop_path_rate=0.0)
+    return out.sum(), nnx.state(model, nnx.BatchStat)
+
+  x = jnp.ones((2, 32, 32, 3))
+  jax.jit(jax.grad(loss, has_aux=True)).trace(params, stats, x)
+  assert asks == []
+  # The patch is live: a plain `[...] =` on a traced BatchStat asks.
+  jax.jit(lambda p, s, x: _indexed_stat_update(graphdef, p, s, x)).trace(
+      params, stats, x)
+  assert asks
+
+
+def _indexed_stat_update(graphdef, params, stats, x):
+  model = nnx.merge(graphdef, params, stats)
+  bn = model.stem.bn
+  bn.mean[...] = bn.mean[...] + x.mean()
+  return bn.mean[...]
+
+
 def _numpy_bn(x, groups, eps):
   g = x.reshape((groups, -1) + x.shape[1:])
   mean = g.mean(axis=(1, 2, 3), keepdims=True)
