@@ -406,8 +406,9 @@ class BatchNorm(nnx.Module):
       # set_value rather than `self.mean[...] = `: flax's indexed assignment
       # compares the shardings of old and new value, and asking a tracer for
       # its sharding builds an error message that walks the whole jaxpr
-      # traced so far. Done 220 times in S, that was half of tracing the
-      # train step (4.7 -> 2.6 s here, benchmarks/README.md change 13).
+      # traced so far: quadratic in the model's size. Tracing the train step
+      # took 6.3 -> 3.0 s for S, 20 -> 4.8 s for L (benchmarks/README.md,
+      # change 12).
       self.mean.set_value(m * self.mean[...] + (1 - m) * mean.mean(0))
       self.var.set_value(m * self.var[...] + (1 - m) * var.mean(0))
       return y
