@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from effnetv2_jax import tables
-from effnetv2_jax.models import arch, count_params, create_model
+from effnetv2_jax.models import arch, count_params, create_model, param_rngs
 from effnetv2_jax.models.layers import (BatchNorm, Conv2D, DepthwiseConv2D,
                                         same_padding)
 
@@ -201,6 +201,32 @@ def test_tracing_a_train_step_asks_no_tracer_for_its_sharding(monkeypatch):
   jax.jit(lambda p, s, x: _indexed_stat_update(graphdef, p, s, x)).trace(
       params, stats, x)
   assert asks
+
+
+def test_building_a_model_abstractly_asks_no_tracer_for_its_sharding(
+    monkeypatch):
+  # Same cost as above, once per parameter: nnx.Rngs' draw counter. The
+  # models' own Rngs (`param_rngs`) keeps it in a ref, with the same keys.
+  asks = []
+
+  def sharding(tracer):
+    asks.append(type(tracer).__name__)
+    raise AttributeError('sharding')
+
+  monkeypatch.setattr(jax.core.Tracer, 'sharding', property(sharding))
+  nnx.eval_shape(lambda: create_model(TINY, 10))
+  nnx.eval_shape(lambda: create_model(TINY, 10, rngs=param_rngs(3)))
+  assert asks == []
+  nnx.eval_shape(lambda: create_model(TINY, 10, rngs=nnx.Rngs(params=3)))
+  assert asks  # the patch is live: a plain Rngs asks
+  monkeypatch.undo()
+
+  def weights(rngs):
+    model = create_model(TINY, 10, rngs=rngs)
+    return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+  for ours, plain in zip(weights(param_rngs(3)), weights(nnx.Rngs(params=3))):
+    np.testing.assert_array_equal(ours, plain)
 
 
 def _indexed_stat_update(graphdef, params, stats, x):

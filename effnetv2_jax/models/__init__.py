@@ -3,7 +3,7 @@
 from effnetv2_jax.models import arch
 from effnetv2_jax.models.efficientnetv2 import (EfficientNetV2, FusedMBConv,
                                                 MBConv, count_params,
-                                                create_model)
+                                                create_model, param_rngs)
 
 __all__ = ['arch', 'EfficientNetV2', 'FusedMBConv', 'MBConv', 'count_params',
-           'create_model']
+           'create_model', 'param_rngs']

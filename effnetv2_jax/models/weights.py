@@ -64,7 +64,7 @@ def abstract_model(architecture: arch_lib.Architecture, num_classes: int,
                    **model_kwargs) -> EfficientNetV2:
   """The model with ShapeDtypeStruct leaves: its graph, no arrays."""
   return nnx.eval_shape(lambda: create_model(
-      architecture, num_classes, rngs=nnx.Rngs(params=0), **model_kwargs))
+      architecture, num_classes, rngs=0, **model_kwargs))
 
 
 def _split(model: nnx.Module):

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from effnetv2_jax.models import arch as arch_lib
-from effnetv2_jax.models import create_model
+from effnetv2_jax.models import create_model, param_rngs
 
 
 @flax.struct.dataclass
@@ -52,7 +52,7 @@ class ModelSpec:
 
   def build(self, seed: int | jax.Array = 0) -> nnx.Module:
     return create_model(
-        self.architecture, self.num_classes, rngs=nnx.Rngs(params=seed),
+        self.architecture, self.num_classes, rngs=param_rngs(seed),
         drop_path_rate=self.drop_path_rate, bn_momentum=self.bn_momentum,
         bn_epsilon=self.bn_epsilon, dtype=self.dtype,
         depthwise_impl=self.depthwise_impl)
