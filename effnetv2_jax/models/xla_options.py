@@ -30,6 +30,9 @@ CPU_OPTIONS = {
 # (benchmarks/README.md, GPU table).
 GPU_OPTIONS = {'xla_gpu_enable_triton_gemm': False}
 
+# The names `jax.default_backend()` gives a GPU.
+GPU_BACKENDS = ('gpu', 'cuda', 'rocm')
+
 _warned: set[str] = set()
 
 
@@ -38,7 +41,7 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
   backend = backend or jax.default_backend()
   if backend == 'cpu':
     return dict(CPU_OPTIONS)
-  if backend in ('gpu', 'cuda'):
+  if backend in GPU_BACKENDS:
     return dict(GPU_OPTIONS)
   return {}
 

@@ -95,6 +95,12 @@ def compilation_cache_dir(configured: str | None, workdir: str,
   return os.path.join(workdir, COMPILATION_CACHE_SUBDIR)
 
 
+def _cache_the_user_set() -> str | None:
+  """This process's compilation cache, unless an earlier run here set it."""
+  active = jax.config.jax_compilation_cache_dir
+  return None if active == _cache_set_by_trainer else active
+
+
 def enable_compilation_cache(directory: str | None) -> None:
   """Persistent XLA cache: a restarted job skips compiles it has done.
   None turns off a cache this process had."""
@@ -393,7 +399,7 @@ def compile_beside_training(backend: str) -> bool:
   the digits model (benchmarks/RESULTS.md), the steps beside a compile
   running ~1.3x slower.
   """
-  return backend not in ('gpu', 'cuda', 'rocm')
+  return backend not in xla_options.GPU_BACKENDS
 
 
 def _upcoming_shapes(planner, after_index: int) -> list[tuple[int, int]]:
@@ -460,10 +466,8 @@ def train_and_evaluate(config, workdir: str, *,
   # ---- Setup -------------------------------------------------------------
   config_checks.validate(config, num_devices=jax.device_count(),
                          reference=recipes.base_config())
-  users_cache = jax.config.jax_compilation_cache_dir
-  cache_dir = compilation_cache_dir(
-      config.compilation_cache_dir, workdir,
-      None if users_cache == _cache_set_by_trainer else users_cache)
+  cache_dir = compilation_cache_dir(config.compilation_cache_dir, workdir,
+                                    _cache_the_user_set())
   enable_compilation_cache(cache_dir)
   log.info('persistent compilation cache: %s', cache_dir or 'off')
   mesh = mesh_lib.mesh_from_config(config.mesh)
