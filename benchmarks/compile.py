@@ -27,8 +27,6 @@ configs/tiny.py and configs/digits.py) and `micro` (see workloads.py).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -215,26 +213,19 @@ def _progress(row: dict) -> None:
 
 
 def _run_worker(variant, sizes, args, cache_dir, export=None):
-  cmd = [sys.executable, '-m', 'benchmarks.compile', '--worker',
-         '--variant', variant, '--size', *map(str, sizes),
-         '--batch', str(args.batch), '--dtype', args.dtype,
-         '--cache-dir', cache_dir]
+  argv = ['--worker', '--variant', variant, '--size', *map(str, sizes),
+          '--batch', str(args.batch), '--dtype', args.dtype,
+          '--cache-dir', cache_dir]
   if export:
-    cmd += ['--export', export]
+    argv += ['--export', export]
   if args.threads:
-    cmd += ['--threads', str(args.threads)]
-  env = dict(os.environ)
-  start = time.perf_counter()
-  # The worker's stderr (a line per stage) goes straight through.
-  proc = subprocess.run(cmd, cwd=harness.REPO_ROOT, env=env,
-                        stdout=subprocess.PIPE, text=True,
-                        timeout=args.timeout)
-  wall = time.perf_counter() - start
-  rows = [json.loads(line[4:]) for line in proc.stdout.splitlines()
-          if line.startswith('ROW ')]
-  if proc.returncode != 0 or len(rows) != len(sizes):
-    raise RuntimeError(f'compile worker for {variant} failed '
-                       f'(rc {proc.returncode}); its output is above')
+    argv += ['--threads', str(args.threads)]
+  what = f'compile worker for {variant}'
+  rows, wall = harness.run_worker('benchmarks.compile', argv, mark='ROW ',
+                                  what=what, timeout=args.timeout)
+  if len(rows) != len(sizes):
+    raise harness.WorkerFailed(f'{what} reported {len(rows)} of '
+                               f'{len(sizes)} stages')
   return rows, wall
 
 
@@ -279,7 +270,7 @@ def main(argv=None) -> list[dict]:
           stage_rows, wall = _run_worker(
               variant, sizes, args, str(cache),
               export='load' if scenario == 'exported' else None)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
+        except harness.WorkerFailed as e:
           harness.eprint(f'[{variant}] {scenario} failed: {e}')
           rows.append(dict(variant=variant, scenario=scenario,
                            batch=args.batch, dtype=dtype, device=device,

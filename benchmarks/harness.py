@@ -317,3 +317,37 @@ def report(title: str, env: dict, table: str, args, rows: list[dict],
 
 def eprint(*parts) -> None:
   print(*parts, file=sys.stderr, flush=True)
+
+
+class WorkerFailed(RuntimeError):
+  """A worker process ran past its time limit, exited non-zero, or printed no
+  result. The message is one line; the worker's own stderr, already on the
+  terminal, says why."""
+
+
+def run_worker(module: str, argv: Sequence[str], *, mark: str, what: str,
+               timeout: float | None = None, env: dict | None = None
+               ) -> tuple[list, float]:
+  """Runs `python -m module argv` from the repository root and returns the
+  JSON payloads of its stdout lines that start with `mark`, and its wall time.
+
+  Scripts measure in a fresh process so that each measurement starts with
+  empty compile caches and thread pools of its own. The worker's stderr
+  passes straight through, so a run cut short still shows the progress lines
+  it printed; stdout is kept for the results.
+  """
+  start = time.perf_counter()
+  try:
+    proc = subprocess.run([sys.executable, '-m', module, *argv],
+                          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    raise WorkerFailed(f'{what} ran past its {timeout:g} s limit; what it '
+                       'finished is printed above') from None
+  wall = time.perf_counter() - start
+  payloads = [json.loads(line[len(mark):]) for line in proc.stdout.splitlines()
+              if line.startswith(mark)]
+  if proc.returncode != 0 or not payloads:
+    raise WorkerFailed(f'{what} failed (exit {proc.returncode}); its output '
+                       'is above')
+  return payloads, wall

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import queue
-import subprocess
 import sys
 import threading
 import time
@@ -223,24 +222,18 @@ def _worker(args) -> None:
 
 
 def _run_worker(spec: dict, args) -> dict:
-  cmd = [sys.executable, '-m', 'benchmarks.progressive', '--worker',
-         json.dumps(spec), '--dtype', args.dtype]
+  argv = ['--worker', json.dumps(spec), '--dtype', args.dtype]
   if args.threads:
-    cmd += ['--threads', str(args.threads)]
+    argv += ['--threads', str(args.threads)]
   if args.cache_dir:
-    cmd += ['--cache-dir', args.cache_dir]
-  # The worker's stderr (its per-stage progress) goes straight through.
+    argv += ['--cache-dir', args.cache_dir]
   try:
-    proc = subprocess.run(cmd, cwd=harness.REPO_ROOT, stdout=subprocess.PIPE,
-                          text=True, timeout=args.timeout)
-  except subprocess.TimeoutExpired:
-    raise SystemExit(f'progressive worker ran past --timeout {args.timeout:g}'
-                     ' s; the stages it finished are printed above') from None
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode != 0 or not lines:
-    raise SystemExit(f'progressive worker failed (rc {proc.returncode}); its '
-                     'output is above')
-  return json.loads(lines[-1][len('RESULT '):])
+    results, _ = harness.run_worker('benchmarks.progressive', argv,
+                                    mark='RESULT ', what='progressive worker',
+                                    timeout=args.timeout)
+  except harness.WorkerFailed as e:
+    raise SystemExit(str(e)) from None
+  return results[-1]
 
 
 def steady_seconds(run: dict) -> float:

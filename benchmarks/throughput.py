@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -153,19 +152,18 @@ def _time_isolated(args, impl, variant, size, batch, mode, dtype, threads
   to itself with its framework's default threading (idle thread pools of
   another framework in the same process cost torch 2-3.5x on this 2-core
   machine: OpenMP workers told to sleep, or spinning against XLA's pool)."""
-  cmd = [sys.executable, '-m', 'benchmarks.throughput', '--child-cell',
-         impl, variant, str(size), str(batch), mode, dtype, str(threads),
-         '--warmup', str(args.warmup), '--repeats', str(args.repeats),
-         '--steps-per-sample', str(args.steps_per_sample)]
+  argv = ['--child-cell', impl, variant, str(size), str(batch), mode, dtype,
+          str(threads), '--warmup', str(args.warmup), '--repeats',
+          str(args.repeats), '--steps-per-sample', str(args.steps_per_sample)]
   env = None
   if args.reference_memory == 'stock' and not impl.startswith('ours'):
     env = host_memory.original_environment(os.environ)
-  proc = subprocess.run(cmd, cwd=harness.REPO_ROOT, stdout=subprocess.PIPE,
-                        text=True, env=env)
-  for line in proc.stdout.splitlines():
-    if line.startswith(_CHILD_MARK):
-      return json.loads(line[len(_CHILD_MARK):])
-  return {'skip': f'failed: exit {proc.returncode} (see stderr above)'}
+  try:
+    cells, _ = harness.run_worker('benchmarks.throughput', argv,
+                                  mark=_CHILD_MARK, what=impl, env=env)
+  except harness.WorkerFailed as e:
+    return {'skip': f'failed: {e}'}
+  return cells[0]
 
 
 def main(argv=None) -> list[dict]:

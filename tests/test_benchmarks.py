@@ -170,3 +170,36 @@ def test_throughput_rejects_stock_references_in_one_process(capsys):
   with pytest.raises(SystemExit):
     throughput.parse_args(['--same-process', '--reference-memory', 'stock'])
   assert 'drop --same-process' in capsys.readouterr().err
+
+
+_FAKE_WORKER = '''
+import sys, time
+print('noise before the result')
+mode = sys.argv[1]
+if mode == 'sleep':
+  time.sleep(30)
+print('MARK {"stage": 1}')
+print('MARK {"stage": 2}', flush=True)
+sys.exit(3 if mode == 'crash' else 0)
+'''
+
+
+@pytest.mark.parametrize('mode,expected', [
+    ('ok', None), ('crash', 'failed (exit 3)'), ('sleep', '1 s limit')])
+def test_run_worker_returns_marked_lines_or_fails_in_one_line(
+    tmp_path, mode, expected):
+  (tmp_path / 'fake_bench_worker.py').write_text(_FAKE_WORKER)
+  env = dict(os.environ, PYTHONPATH=str(tmp_path))
+  timeout = 1 if mode == 'sleep' else 60
+
+  def run():
+    return harness.run_worker('fake_bench_worker', [mode], mark='MARK ',
+                              what='fake worker', timeout=timeout, env=env)
+
+  if expected is None:
+    payloads, wall = run()
+    assert payloads == [{'stage': 1}, {'stage': 2}] and wall > 0
+  else:
+    with pytest.raises(harness.WorkerFailed) as failure:
+      run()
+    assert expected in str(failure.value) and '\n' not in str(failure.value)
