@@ -160,9 +160,10 @@ def _time_isolated(args, impl, variant, size, batch, mode, dtype, threads
     env = host_memory.original_environment(os.environ)
   try:
     cells, _ = harness.run_worker('benchmarks.throughput', argv,
-                                  mark=_CHILD_MARK, what=impl, env=env)
+                                  mark=_CHILD_MARK, what=f'{impl} worker',
+                                  env=env)
   except harness.WorkerFailed as e:
-    return {'skip': f'failed: {e}'}
+    return {'skip': str(e)}
   return cells[0]
 
 
