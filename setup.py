@@ -7,6 +7,8 @@ torchvision pulls a CUDA torch and gigabytes of nvidia wheels.
 
 import setuptools
 
+LINUX_X86_64 = 'platform_system == "Linux" and platform_machine == "x86_64"'
+
 CORE = [
     'jax==0.10.2',
     'jaxlib==0.10.2',
@@ -29,6 +31,11 @@ CORE = [
     'tqdm==4.70.1',
     # `tfds build` (the command our not-prepared errors name) imports it.
     'importlib_resources==7.1.0',
+    # The CPU convolutions (effnetv2_jax/models/onednn.py), compiled on first
+    # use. The GNU OpenMP build: no Intel runtimes, 39 MB. Elsewhere the
+    # models keep XLA's convolutions.
+    'onednn-cpu-gomp==2023.2.0; ' + LINUX_X86_64,
+    'onednn-devel-cpu-gomp==2023.2.0; ' + LINUX_X86_64,
 ]
 
 REFERENCE = [
@@ -58,6 +65,7 @@ setuptools.setup(
     license='Apache-2.0',
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['effnetv2_jax', 'effnetv2_jax.*']),
+    package_data={'effnetv2_jax.models': ['onednn_conv.cc']},
     install_requires=CORE,
     extras_require=EXTRAS,
 )

@@ -213,7 +213,7 @@ def read_npy(path: str) -> np.ndarray:
 
 def load_checkpoint(path: str, variant: str | None = None, *,
                     normalization: str | None = None,
-                    depthwise_impl: str = 'auto'):
+                    conv_impl: str = 'auto'):
   """(model, info) from a model directory or a training workdir.
 
   `info` has 'normalization', 'eval_size', 'num_classes', 'name', 'source'.
@@ -232,7 +232,7 @@ def load_checkpoint(path: str, variant: str | None = None, *,
       raise weights.WeightsError(
           f'{path} holds architecture {stored.name!r} (model.json), not '
           f'{variant!r}; drop --variant or pass the matching one')
-    model = weights.load_model(path, depthwise_impl=depthwise_impl)
+    model = weights.load_model(path, conv_impl=conv_impl)
     architecture = stored
     normalization = normalization or meta['normalization']
     source = meta.get('source') or path
@@ -240,7 +240,7 @@ def load_checkpoint(path: str, variant: str | None = None, *,
     if wanted is None:
       raise weights.WeightsError(
           f'{path} is a training workdir without model.json; pass --variant')
-    model = _load_workdir(path, wanted, depthwise_impl)
+    model = _load_workdir(path, wanted, conv_impl)
     architecture = wanted
     normalization = normalization or wanted.normalization
     source = f'training workdir {path}'
@@ -262,7 +262,7 @@ def _is_workdir(path: str) -> bool:
           or any(e.isdigit() for e in entries))
 
 
-def _load_workdir(path: str, architecture, depthwise_impl: str):
+def _load_workdir(path: str, architecture, conv_impl: str):
   from effnetv2_jax.models import weights
   from effnetv2_jax.training import checkpointing
   try:
@@ -279,7 +279,7 @@ def _load_workdir(path: str, architecture, depthwise_impl: str):
         f'{path}: no 2-D head/classifier/kernel in the checkpoint')
   return weights.model_from_variables(
       architecture, int(kernel.shape[1]), _unflatten(flat_params),
-      _unflatten(flat_stats), what=path, depthwise_impl=depthwise_impl)
+      _unflatten(flat_stats), what=path, conv_impl=conv_impl)
 
 
 def _unflatten(flat: dict) -> dict:

@@ -33,7 +33,7 @@ def count_macs(variant: str, image_size: int) -> float:
   # The 'xla' depthwise form is one convolution op, counted like the
   # reference; the shifted CPU form would add the padding taps back.
   abstract = nnx.eval_shape(
-      lambda: create_model(variant, 1000, depthwise_impl='xla'))
+      lambda: create_model(variant, 1000, conv_impl='xla'))
   graphdef, state = nnx.split(abstract)
 
   def forward(state, x):

@@ -44,7 +44,7 @@ def ours(variant):
   previous variant's compiled executables are released.
   """
   architecture = arch.get_architecture(variant)
-  abstract = weights.abstract_model(architecture, 1000, depthwise_impl='xla')
+  abstract = weights.abstract_model(architecture, 1000, conv_impl='xla')
   graphdef, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
   # LLVM optimisation level 0 halves XLA:CPU compile time; float semantics
   # are the same (no fast-math either way).

@@ -19,7 +19,7 @@ TINY = arch.scaled(arch.get_architecture('b0'), width=0.25, depth=0.25,
 def random_model(architecture=TINY, num_classes=10, seed=0):
   """A model with random (not initialiser) values in every variable."""
   abstract = weights.abstract_model(architecture, num_classes,
-                                    depthwise_impl='xla')
+                                    conv_impl='xla')
   _, params, stats, _ = weights._split(abstract)
   rng = np.random.default_rng(seed)
 
@@ -29,7 +29,7 @@ def random_model(architecture=TINY, num_classes=10, seed=0):
 
   return weights.model_from_variables(
       architecture, num_classes, fill(nnx.to_pure_dict(params), -1.0),
-      fill(nnx.to_pure_dict(stats), 0.5), depthwise_impl='xla')
+      fill(nnx.to_pure_dict(stats), 0.5), conv_impl='xla')
 
 
 def logits(model, x):
@@ -55,7 +55,7 @@ def saved(tiny_model, tmp_path_factory):
 def test_round_trip_gives_identical_logits(tiny_model, saved):
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 35, 35, 3)),
                   jnp.float32)
-  loaded = weights.load_model(saved, depthwise_impl='xla')
+  loaded = weights.load_model(saved, conv_impl='xla')
   np.testing.assert_array_equal(logits(tiny_model, x), logits(loaded, x))
   assert loaded.num_classes == 10
   assert loaded.architecture == TINY

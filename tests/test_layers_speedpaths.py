@@ -124,11 +124,16 @@ def test_pointwise_conv_takes_the_cpu_form_only_on_cpu(monkeypatch):
     assert ('custom_vjp_call' in jaxpr) == cpu_form
 
 
-def test_auto_depthwise_is_shifted_on_cpu_and_names_are_checked():
+def test_auto_conv_impl_on_cpu_and_names_are_checked(monkeypatch):
   assert jax.default_backend() == 'cpu'
-  assert layers.resolve_depthwise_impl('auto') == 'shifted'
-  with pytest.raises(ValueError, match='depthwise_impl'):
-    layers.resolve_depthwise_impl('fast')
+  # The test session's eight fake devices: no custom call XLA would replicate.
+  assert layers.resolve_conv_impl('auto') == 'shifted'
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  expected = 'onednn' if layers.onednn.status().available else 'shifted'
+  assert layers.resolve_conv_impl('auto') == expected
+  assert layers.resolve_conv_impl('auto', jnp.bfloat16) == 'shifted'
+  with pytest.raises(ValueError, match='conv_impl'):
+    layers.resolve_conv_impl('fast')
 
 
 # ------------------------------------------------------------ BatchNorm
@@ -204,9 +209,9 @@ TINY = arch.Architecture(
     head_channels=32)
 
 
-def _loss_and_grads(depthwise_impl, bn_fn, monkeypatch):
+def _loss_and_grads(conv_impl, bn_fn, monkeypatch):
   monkeypatch.setattr(layers, 'batch_norm_train', bn_fn)
-  model = create_model(TINY, 10, depthwise_impl=depthwise_impl, rngs=0)
+  model = create_model(TINY, 10, conv_impl=conv_impl, rngs=0)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   x = jax.random.normal(jax.random.key(5), (4, 24, 24, 3))
   labels = jnp.arange(4) % 10
@@ -222,8 +227,10 @@ def _loss_and_grads(depthwise_impl, bn_fn, monkeypatch):
   return loss, new_stats, grads
 
 
-def test_model_gradients_fast_paths_equal_reference_paths(monkeypatch):
-  fast = _loss_and_grads('shifted', layers.batch_norm_train, monkeypatch)
+@pytest.mark.parametrize('conv_impl', ['shifted', 'onednn'])
+def test_model_gradients_fast_paths_equal_reference_paths(conv_impl,
+                                                          monkeypatch):
+  fast = _loss_and_grads(conv_impl, layers.batch_norm_train, monkeypatch)
   ref = _loss_and_grads('xla', layers.batch_norm_train_reference,
                         monkeypatch)
   np.testing.assert_allclose(float(fast[0]), float(ref[0]), rtol=1e-5)

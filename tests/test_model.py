@@ -26,7 +26,7 @@ TINY = arch.scaled(arch.get_architecture('b0'), width=0.25, depth=0.34,
 
 @functools.lru_cache(maxsize=None)
 def _b0(num_classes=10, impl='auto', dtype=jnp.float32, architecture=TINY):
-  return create_model(architecture, num_classes, depthwise_impl=impl,
+  return create_model(architecture, num_classes, conv_impl=impl,
                       dtype=dtype, rngs=nnx.Rngs(0))
 
 
@@ -129,11 +129,12 @@ def test_output_and_feature_shapes(size, architecture):
   assert feats['head'].shape == (2, side, side, width)
 
 
-def test_depthwise_implementations_agree_on_the_whole_model():
+@pytest.mark.parametrize('impl', ['shifted', 'onednn'])
+def test_conv_implementations_agree_on_the_whole_model(impl):
   x = jax.random.normal(jax.random.key(0), (2, 37, 37, 3))
-  shifted = _jit_forward(_b0(impl='shifted'), training=False)(x)[0]
+  fast = _jit_forward(_b0(impl=impl), training=False)(x)[0]
   xla = _jit_forward(_b0(impl='xla'), training=False)(x)[0]
-  assert float(jnp.max(jnp.abs(shifted - xla))) < 1e-5
+  assert float(jnp.max(jnp.abs(fast - xla))) < 1e-5
 
 
 def test_eval_mode_ignores_rng_and_regularisation_rates():
@@ -344,8 +345,8 @@ def test_create_model_input_errors():
     create_model('b0', 0)
   with pytest.raises(ValueError, match='dropout_rate'):
     create_model('b0', 10, dropout_rate=1.5)
-  with pytest.raises(ValueError, match='depthwise_impl'):
-    create_model('b0', 10, depthwise_impl='fast')
+  with pytest.raises(ValueError, match='conv_impl'):
+    create_model('b0', 10, conv_impl='fast')
   tiny = arch.scaled(arch.get_architecture('b0'), width=0.25, depth=0.25,
                      head_channels=64)
   model = create_model(tiny.to_dict(), 3)

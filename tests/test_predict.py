@@ -169,7 +169,7 @@ def test_class_names_follow_the_imagenet_label_order():
 
 def random_variables(architecture, num_classes, seed):
   abstract = weights.abstract_model(architecture, num_classes,
-                                    depthwise_impl='xla')
+                                    conv_impl='xla')
   _, params, stats, _ = weights._split(abstract)
   rng = np.random.default_rng(seed)
 
@@ -191,7 +191,7 @@ def jitted_logits(model, x):
 def model_dir(tmp_path_factory):
   params, stats = random_variables(TINY, 1000, 0)
   model = weights.model_from_variables(TINY, 1000, params, stats,
-                                       depthwise_impl='xla')
+                                       conv_impl='xla')
   directory = tmp_path_factory.mktemp('predict') / 'tiny'
   weights.save_model(directory, model, normalization='inception')
   return str(directory), model
@@ -309,7 +309,7 @@ def test_cli_names_classes_by_index_without_1000_classes(inputs, tmp_path,
                                                          capsys):
   params, stats = random_variables(TINY, 7, 1)
   model = weights.model_from_variables(TINY, 7, params, stats,
-                                       depthwise_impl='xla')
+                                       conv_impl='xla')
   weights.save_model(tmp_path / 'm7', model)
   assert predict.main(['--checkpoint', str(tmp_path / 'm7'), '--image-size',
                        '48', inputs['images'][0]]) == 0
@@ -337,7 +337,7 @@ def test_cli_reads_a_training_workdir_preferring_ema(inputs, tmp_path,
                          '--save-logits', logits_file, inputs['batch']])
   assert status == 0, capsys.readouterr().err
   ema = jitted_logits(weights.model_from_variables(
-      b0, 1000, ema_params, ema_stats, depthwise_impl='xla'),
+      b0, 1000, ema_params, ema_stats, conv_impl='xla'),
       np.load(inputs['batch']))
   # predict runs the CPU's 'shifted' depthwise kernels: rounding differs.
   np.testing.assert_allclose(np.load(logits_file), ema, rtol=0,

@@ -70,14 +70,14 @@ def run(args: argparse.Namespace) -> str:
         f'{output} exists and is not empty (pass --overwrite to replace it)')
   if args.framework == 'timm':
     model = convert.from_timm(args.input, architecture, use_ema=args.use_ema,
-                              depthwise_impl='xla')
+                              conv_impl='xla')
   else:
     if args.variant not in convert.keras.KERAS_VARIANTS:
       raise convert.ConversionError(
           f'keras.applications has no EfficientNetV2-{args.variant.upper()} '
           f'(it offers {", ".join(convert.keras.KERAS_VARIANTS)})')
     model = convert.from_keras(args.input, architecture,
-                               depthwise_impl='xla')
+                               conv_impl='xla')
   source = f'{args.framework}:{os.path.abspath(args.input)}'
   path = weights.save_model(output, model, source=source,
                             normalization=args.normalization,

@@ -316,7 +316,7 @@ def from_keras(source: Any, variant: arch_lib.Architecture | str,
   Args:
     source: .weights.h5 / .h5 / .keras path, or a Keras model object.
     variant: 's', 'm', 'l', 'b0'..'b3' (or an Architecture).
-    **model_kwargs: `create_model` options (dtype, depthwise_impl, ...).
+    **model_kwargs: `create_model` options (dtype, conv_impl, ...).
 
   Raises:
     ConversionError: one line naming the first tensor that does not fit.

@@ -211,7 +211,7 @@ def from_timm(source: str | os.PathLike | Mapping[str, Any],
     source: .safetensors / torch file, or a state dict.
     variant: 's', 'm', 'l', 'xl', 'b0'..'b3' (or an Architecture).
     use_ema: prefer the EMA weights of a timm training checkpoint.
-    **model_kwargs: `create_model` options (dtype, depthwise_impl, ...).
+    **model_kwargs: `create_model` options (dtype, conv_impl, ...).
 
   Raises:
     ConversionError: one line naming the first tensor that does not fit.

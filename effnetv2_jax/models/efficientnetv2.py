@@ -10,18 +10,20 @@ from flax import nnx
 
 from effnetv2_jax.models import arch as arch_lib
 from effnetv2_jax.models.layers import (BatchNorm, Conv2D, DepthwiseConv2D,
-                                        SqueezeExcite, drop_path)
+                                        SqueezeExcite, conv_bn, drop_path)
 
 
 class _ConvBN(nnx.Module):
   """Conv -> BN (-> SiLU when `act`): the stem and head share this shape."""
 
-  def __init__(self, cin, cout, kernel, stride, *, bn_kw, dtype, rngs):
-    self.conv = Conv2D(cin, cout, kernel, stride, dtype=dtype, rngs=rngs)
+  def __init__(self, cin, cout, kernel, stride, *, bn_kw, dtype,
+               conv_impl='auto', rngs):
+    self.conv = Conv2D(cin, cout, kernel, stride, impl=conv_impl, dtype=dtype,
+                       rngs=rngs)
     self.bn = BatchNorm(cout, dtype=dtype, rngs=rngs, **bn_kw)
 
   def __call__(self, x, *, training, groups):
-    return self.bn(self.conv(x), training=training, groups=groups,
+    return conv_bn(self.conv, self.bn, x, training=training, groups=groups,
                    activation='silu')
 
 
@@ -29,7 +31,7 @@ class MBConv(nnx.Module):
   """Inverted bottleneck: [1x1 expand] -> depthwise -> [SE] -> 1x1 project."""
 
   def __init__(self, spec: arch_lib.BlockSpec, *, bn_kw, dtype,
-               depthwise_impl, rngs):
+               conv_impl, rngs):
     self.spec = spec
     mid = spec.mid_channels
     if spec.expand_ratio != 1:
@@ -39,7 +41,7 @@ class MBConv(nnx.Module):
     else:
       self.expand_conv = self.expand_bn = None
     self.dw_conv = DepthwiseConv2D(mid, spec.kernel_size, spec.stride,
-                                   impl=depthwise_impl, dtype=dtype, rngs=rngs)
+                                   impl=conv_impl, dtype=dtype, rngs=rngs)
     self.dw_bn = BatchNorm(mid, dtype=dtype, rngs=rngs, **bn_kw)
     self.se = (SqueezeExcite(mid, spec.se_channels, dtype=dtype, rngs=rngs)
                if spec.se_channels else None)
@@ -51,28 +53,28 @@ class MBConv(nnx.Module):
   def __call__(self, x, *, training, groups):
     h = x
     if self.expand_conv is not None:
-      h = self.expand_bn(self.expand_conv(h), training=training,
-                         groups=groups, activation='silu')
-    h = self.dw_bn(self.dw_conv(h), training=training, groups=groups,
-                   activation='silu')
+      h = conv_bn(self.expand_conv, self.expand_bn, h, training=training,
+                  groups=groups, activation='silu')
+    h = conv_bn(self.dw_conv, self.dw_bn, h, training=training,
+                groups=groups, activation='silu')
     if self.se is not None:
       h = self.se(h)
     # No activation after the projection BN (linear bottleneck).
-    return self.project_bn(self.project_conv(h), training=training,
-                           groups=groups)
+    return conv_bn(self.project_conv, self.project_bn, h, training=training,
+                   groups=groups)
 
 
 class FusedMBConv(nnx.Module):
   """k x k conv (expand) -> [SE] -> 1x1 project; e=1 is one conv+BN+SiLU."""
 
   def __init__(self, spec: arch_lib.BlockSpec, *, bn_kw, dtype,
-               depthwise_impl, rngs):
-    del depthwise_impl
+               conv_impl, rngs):
     self.spec = spec
     single = spec.expand_ratio == 1
     width = spec.out_channels if single else spec.mid_channels
     self.fused_conv = Conv2D(spec.in_channels, width, spec.kernel_size,
-                             spec.stride, dtype=dtype, rngs=rngs)
+                             spec.stride, impl=conv_impl, dtype=dtype,
+                             rngs=rngs)
     self.fused_bn = BatchNorm(width, dtype=dtype, rngs=rngs, **bn_kw)
     self.se = (SqueezeExcite(width, spec.se_channels, dtype=dtype, rngs=rngs)
                if spec.se_channels else None)
@@ -85,13 +87,13 @@ class FusedMBConv(nnx.Module):
                                   **bn_kw)
 
   def __call__(self, x, *, training, groups):
-    h = self.fused_bn(self.fused_conv(x), training=training, groups=groups,
-                      activation='silu')
+    h = conv_bn(self.fused_conv, self.fused_bn, x, training=training,
+                groups=groups, activation='silu')
     if self.se is not None:
       h = self.se(h)
     if self.project_conv is not None:
-      h = self.project_bn(self.project_conv(h), training=training,
-                          groups=groups)
+      h = conv_bn(self.project_conv, self.project_bn, h, training=training,
+                  groups=groups)
     return h
 
 
@@ -121,7 +123,7 @@ class EfficientNetV2(nnx.Module):
                num_classes: int = 1000, *, dropout_rate: float | None = None,
                drop_path_rate: float = 0.2, bn_momentum: float = 0.9,
                bn_epsilon: float = 1e-3, dtype: Any = jnp.float32,
-               depthwise_impl: str = 'auto', rngs: nnx.Rngs):
+               conv_impl: str = 'auto', rngs: nnx.Rngs):
     if num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {num_classes}')
     for name, rate in (('dropout_rate', dropout_rate),
@@ -135,7 +137,8 @@ class EfficientNetV2(nnx.Module):
     self.drop_path_rate = drop_path_rate
     bn_kw = dict(momentum=bn_momentum, epsilon=bn_epsilon)
     stem = architecture.stem_channels
-    self.stem = _ConvBN(3, stem, 3, 2, bn_kw=bn_kw, dtype=dtype, rngs=rngs)
+    self.stem = _ConvBN(3, stem, 3, 2, bn_kw=bn_kw, dtype=dtype,
+                        conv_impl=conv_impl, rngs=rngs)
     stages = architecture.stage_blocks(drop_path_rate=1.0)
     # Per block: (stage index, depth fraction i/N); survival = 1 - rate * i/N.
     self.block_positions = tuple(
@@ -146,7 +149,7 @@ class EfficientNetV2(nnx.Module):
       for spec in stage:
         cls = FusedMBConv if spec.fused else MBConv
         blocks.append(cls(spec, bn_kw=bn_kw, dtype=dtype,
-                          depthwise_impl=depthwise_impl, rngs=rngs))
+                          conv_impl=conv_impl, rngs=rngs))
     self.blocks = nnx.List(blocks)
     self.head = Head(stages[-1][-1].out_channels, architecture.head_width,
                      num_classes, bn_kw=bn_kw, dtype=dtype, rngs=rngs)
@@ -199,7 +202,7 @@ class EfficientNetV2(nnx.Module):
       if last_of_stage:
         features[f'stage{stage + 1}'] = h
     head = self.head
-    h = head.bn(head.conv(h), training=training, groups=bn_groups,
+    h = conv_bn(head.conv, head.bn, h, training=training, groups=bn_groups,
                 activation='silu')
     features['head'] = h
     pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from effnetv2_jax.models import onednn
+
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -76,20 +78,40 @@ class Conv2D(nnx.Module):
   """Dense (non-grouped) convolution, HWIO kernel, TF-'SAME' padding."""
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
-               stride: int = 1, *, use_bias: bool = False,
+               stride: int = 1, *, use_bias: bool = False, impl: str = 'auto',
                dtype=jnp.float32, rngs: nnx.Rngs):
+    check_conv_impl(impl, dtype)
     self.stride = stride
     self.dtype = dtype
+    self.impl = impl
     self.kernel = nnx.Param(fan_out_normal(kernel_size, kernel_size, out_channels)(
         rngs.params(), (kernel_size, kernel_size, in_channels, out_channels)))
     self.bias = nnx.Param(filled((out_channels,), 0.0)) if use_bias else None
 
+  def _pointwise(self) -> bool:
+    return self.kernel.shape[:2] == (1, 1) and self.stride == 1
+
+  def runs_on_onednn(self) -> bool:
+    return (not self._pointwise()
+            and resolve_conv_impl(self.impl, self.dtype) == 'onednn')
+
+  def with_folded_affine(self, x, scale, shift, *, silu: bool):
+    """`conv(x) * scale + shift` (then SiLU) per output channel, in one
+    oneDNN call; see `conv_bn`."""
+    bias = shift
+    if self.bias is not None:
+      bias = bias + self.bias[...] * scale
+    return _onednn_conv(x.astype(self.dtype), self.kernel[...] * scale,
+                        self.stride, bias=bias, silu=silu)
+
   def __call__(self, x):
     kernel = self.kernel[...]
     x = x.astype(self.dtype)
-    if kernel.shape[:2] == (1, 1) and self.stride == 1:
+    if self._pointwise():
       # A 1x1 convolution is a matmul; XLA:CPU runs dot faster than conv.
       y = pointwise_conv(x, kernel[0, 0].astype(self.dtype))
+    elif resolve_conv_impl(self.impl, self.dtype) == 'onednn':
+      y = _onednn_conv(x, kernel.astype(self.dtype), self.stride)
     else:
       y = jax.lax.conv_general_dilated(
           x, kernel.astype(self.dtype), (self.stride, self.stride), 'SAME',
@@ -139,15 +161,66 @@ def _pointwise_bwd(residuals, dy):
 _pointwise_conv_cpu.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
-def resolve_depthwise_impl(impl: str) -> str:
-  if impl == 'auto':
-    # XLA:CPU's grouped convolution is 10-50x slower than nine shifted
-    # multiply-adds; on TPU/GPU the convolution is the fast form.
-    return 'shifted' if jax.default_backend() == 'cpu' else 'xla'
-  if impl not in ('xla', 'shifted'):
-    raise ValueError(
-        f"depthwise_impl must be 'auto', 'xla' or 'shifted', got {impl!r}")
-  return impl
+CONV_IMPLS = ('auto', 'xla', 'shifted', 'onednn')
+
+
+def check_conv_impl(impl: str, dtype) -> None:
+  """Fails at model construction on a bad name or an impossible pairing."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
+  if impl == 'onednn' and jnp.dtype(dtype) != jnp.float32:
+    raise ValueError("conv_impl='onednn' computes in float32; got dtype "
+                     f"{jnp.dtype(dtype).name} (use 'auto' or 'xla')")
+
+
+def resolve_conv_impl(impl: str, dtype=jnp.float32) -> str:
+  """The convolution form `impl` means here, for compute `dtype`.
+
+  'xla': XLA's convolutions. 'shifted': depthwise as k*k shifted
+  multiply-adds (XLA:CPU's grouped convolution is 10-50x slower), dense ones
+  by XLA. 'onednn': depthwise and dense k x k convolutions as oneDNN custom
+  calls (CPU, float32; `onednn.py`). 'auto': 'xla' on GPU/TPU; on CPU
+  'onednn' where it builds, else 'shifted'. 1x1 convolutions are dots in
+  every form.
+  """
+  check_conv_impl(impl, dtype)
+  if impl != 'auto':
+    return impl
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  # With several CPU devices (the fake test mesh) XLA's partitioner would
+  # all-gather a custom call's operands and run it on every device.
+  if (jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
+      and onednn.status().available):
+    return 'onednn'
+  return 'shifted'
+
+
+def describe_conv_impl(impl: str, dtype=jnp.float32) -> str:
+  """What `impl` resolves to here, and why, for logs and benchmark tables."""
+  resolved = resolve_conv_impl(impl, dtype)
+  if resolved == 'onednn':
+    return f'onednn ({onednn.status().reason})'
+  if impl != 'auto' or jax.default_backend() != 'cpu':
+    return resolved
+  if jnp.dtype(dtype) != jnp.float32:
+    why = f'{jnp.dtype(dtype).name} compute'
+  elif jax.device_count() > 1:
+    why = f'{jax.device_count()} CPU devices'
+  else:
+    why = onednn.status().reason
+  return f'{resolved} (not onednn: {why})'
+
+
+def _onednn_conv(x, kernel, stride: int, groups: int = 1, bias=None,
+                 silu: bool = False):
+  onednn.require()
+  padding = tuple(same_padding(size, k, stride)
+                  for size, k in zip(x.shape[1:3], kernel.shape[:2]))
+  if bias is None:
+    return onednn.conv2d(x, kernel, (stride, stride), padding, groups)
+  return onednn.conv2d_bias(x, kernel, bias, (stride, stride), padding,
+                            groups, silu)
 
 
 def _strided_taps(x, kh: int, kw: int, stride: int, out_h: int, out_w: int):
@@ -283,14 +356,27 @@ class DepthwiseConv2D(nnx.Module):
     self.stride = stride
     self.dtype = dtype
     self.impl = impl
-    resolve_depthwise_impl(impl)  # fail at construction on a bad name
+    check_conv_impl(impl, dtype)
     self.kernel = nnx.Param(fan_out_normal(kernel_size, kernel_size, 1)(
         rngs.params(), (kernel_size, kernel_size, 1, channels)))
+
+  def runs_on_onednn(self) -> bool:
+    return resolve_conv_impl(self.impl, self.dtype) == 'onednn'
+
+  def with_folded_affine(self, x, scale, shift, *, silu: bool):
+    """`conv(x) * scale + shift` (then SiLU) per channel, in one oneDNN
+    call; see `conv_bn`."""
+    return _onednn_conv(x.astype(self.dtype), self.kernel[...] * scale,
+                        self.stride, groups=x.shape[-1], bias=shift,
+                        silu=silu)
 
   def __call__(self, x):
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
-    if resolve_depthwise_impl(self.impl) == 'shifted':
+    impl = resolve_conv_impl(self.impl, self.dtype)
+    if impl == 'onednn':
+      return _onednn_conv(x, kernel, self.stride, groups=x.shape[-1])
+    if impl == 'shifted':
       return depthwise_conv_shifted(x, kernel, self.stride)
     return depthwise_conv_xla(x, kernel, self.stride)
 
@@ -447,10 +533,28 @@ class BatchNorm(nnx.Module):
       self.mean.set_value(m * self.mean[...] + (1 - m) * mean.mean(0))
       self.var.set_value(m * self.var[...] + (1 - m) * var.mean(0))
       return y
-    inv = jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
-    y = x.astype(jnp.float32) * inv + (self.bias[...] - self.mean[...] * inv)
-    y = y.astype(self.dtype)
+    inv, shift = self.eval_affine()
+    y = (x.astype(jnp.float32) * inv + shift).astype(self.dtype)
     return act(y) if act else y
+
+  def eval_affine(self):
+    """(scale, shift), float32: eval-mode BN is `x * scale + shift`."""
+    inv = jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
+    return inv, self.bias[...] - self.mean[...] * inv
+
+
+def conv_bn(conv, bn: BatchNorm, x, *, training: bool, groups: int = 1,
+            activation=None):
+  """`bn(conv(x), ...)`. In eval mode, when `conv` runs through oneDNN, one
+  custom call instead: the BN folded into the kernel and a bias, SiLU
+  applied as the output is written, which saves a pass over the activations
+  (benchmarks/README.md, change 14)."""
+  _check_activation(activation)
+  if training or not conv.runs_on_onednn():
+    return bn(conv(x), training=training, groups=groups,
+              activation=activation)
+  scale, shift = bn.eval_affine()
+  return conv.with_folded_affine(x, scale, shift, silu=activation == 'silu')
 
 
 class SqueezeExcite(nnx.Module):

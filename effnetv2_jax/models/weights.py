@@ -134,7 +134,7 @@ def model_from_variables(architecture: arch_lib.Architecture | str | Mapping,
     params, batch_stats: pure nested dicts as `nnx.to_pure_dict(state)`
       gives them (list indices may be ints or digit strings).
     what: names the arrays' origin in error messages.
-    **model_kwargs: `create_model` options (dtype, depthwise_impl,
+    **model_kwargs: `create_model` options (dtype, conv_impl,
       bn_epsilon, ...).
   """
   if isinstance(architecture, str):
@@ -357,14 +357,15 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
 
 
 def load_model(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
-               depthwise_impl: str = 'auto', **model_kwargs
+               conv_impl: str = 'auto', **model_kwargs
                ) -> EfficientNetV2:
   """The model stored in `directory`, ready for eval (or fine-tuning).
 
   Args:
     directory: a model directory written by `save_model` or the converters.
     dtype: compute dtype (parameters stay float32).
-    depthwise_impl: 'auto', 'xla' or 'shifted'.
+    conv_impl: 'auto', 'xla', 'shifted' or 'onednn'
+      (`layers.resolve_conv_impl`).
     **model_kwargs: other `create_model` options (dropout_rate,
       drop_path_rate, bn_momentum) for fine-tuning.
   """
@@ -372,7 +373,7 @@ def load_model(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
   meta = read_meta(directory)
   model_kwargs.setdefault('bn_epsilon', meta.get('bn_epsilon', 1e-3))
   abstract = abstract_model(meta['architecture_obj'], meta['num_classes'],
-                            dtype=dtype, depthwise_impl=depthwise_impl,
+                            dtype=dtype, conv_impl=conv_impl,
                             **model_kwargs)
   params, batch_stats = _restore(directory, meta, abstract)
   graphdef, params_state, stats_state, rest = _split(abstract)

@@ -14,6 +14,7 @@ import os
 from typing import Any, Iterable, Mapping
 
 from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.models.layers import CONV_IMPLS
 from effnetv2_jax.training import progressive, schedules
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
@@ -101,9 +102,11 @@ def validate(config, *, num_devices: int, data_axis_size: int | None = None,
   _require(0 <= m.drop_path_rate < 1, 'model.drop_path_rate',
            m.drop_path_rate, 'must be in [0, 1)')
   _require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'must be one of {DTYPES}')
-  _require(m.depthwise_impl in ('auto', 'xla', 'shifted'),
-           'model.depthwise_impl', m.depthwise_impl,
-           "must be 'auto', 'xla' or 'shifted'")
+  _require(m.conv_impl in CONV_IMPLS, 'model.conv_impl', m.conv_impl,
+           f'must be one of {CONV_IMPLS}')
+  _require(m.conv_impl != 'onednn' or m.dtype in ('float32', 'auto'),
+           'model.conv_impl', m.conv_impl,
+           f"computes in float32; model.dtype is {m.dtype}")
   _require(0 < m.bn_momentum < 1, 'model.bn_momentum', m.bn_momentum,
            'must be in (0, 1)')
 

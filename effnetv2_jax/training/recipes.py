@@ -62,7 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   # TPU BatchNorm, groups of min(8, replicas).
   c.model.bn_replicas_per_group = 0
   c.model.dtype = 'auto'  # bfloat16 compute on TPU/GPU, float32 on CPU
-  c.model.depthwise_impl = 'auto'
+  # 'auto': XLA's convolutions on TPU/GPU; on one CPU device the oneDNN
+  # ones (built on first use), else shifted depthwise. 'xla', 'shifted',
+  # 'onednn' force one (models/layers.py, resolve_conv_impl).
+  c.model.conv_impl = 'auto'
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'imagenet2012'

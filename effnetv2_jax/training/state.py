@@ -48,14 +48,14 @@ class ModelSpec:
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
+  conv_impl: str = 'auto'
 
   def build(self, seed: int | jax.Array = 0) -> nnx.Module:
     return create_model(
         self.architecture, self.num_classes, rngs=param_rngs(seed),
         drop_path_rate=self.drop_path_rate, bn_momentum=self.bn_momentum,
         bn_epsilon=self.bn_epsilon, dtype=self.dtype,
-        depthwise_impl=self.depthwise_impl)
+        conv_impl=self.conv_impl)
 
   def graphdef(self):
     """The static module graph (built abstractly: no weights allocated)."""

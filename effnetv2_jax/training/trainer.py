@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effnetv2_jax import host_memory
+from effnetv2_jax.models import layers
 from effnetv2_jax.models import xla_options
 from effnetv2_jax.training import checkpointing
 from effnetv2_jax.training import config_checks
@@ -486,6 +487,9 @@ def train_and_evaluate(config, workdir: str, *,
                f'{bn_groups} groups' if bn_groups > 1 else 'the global batch')
   if jax.default_backend() == 'cpu':
     log.info('host memory: %s', host_memory.status())
+  compute_dtype = resolve_dtype(config.model.dtype)
+  log.info('convolutions: %s',
+           layers.describe_conv_impl(config.model.conv_impl, compute_dtype))
 
   # ---- Plan ----------------------------------------------------------------
   prog = config.progressive.to_dict()
@@ -508,8 +512,8 @@ def train_and_evaluate(config, workdir: str, *,
       drop_path_rate=config.model.drop_path_rate,
       bn_momentum=config.model.bn_momentum,
       bn_epsilon=config.model.bn_epsilon,
-      dtype=resolve_dtype(config.model.dtype),
-      depthwise_impl=config.model.depthwise_impl)
+      dtype=compute_dtype,
+      conv_impl=config.model.conv_impl)
   graphdef = spec.graphdef()
   use_ema = config.ema.decay > 0
   make_optimizer = functools.partial(optimizer_lib.build_from_config,
@@ -706,7 +710,9 @@ def train_and_evaluate(config, workdir: str, *,
                      eval_size=eval_size, stage_reports=stage_reports,
                      num_params=num_params, num_classes=num_classes,
                      architecture=architecture, run_start=run_start,
-                     load_report=load_report)
+                     load_report=load_report,
+                     conv_impl=layers.resolve_conv_impl(
+                         config.model.conv_impl, compute_dtype))
   if status == 'completed' and config.export_model:
     summary['model_dir'] = _export_model(
         state, workdir, architecture=architecture, num_classes=num_classes,
@@ -725,7 +731,7 @@ def train_and_evaluate(config, workdir: str, *,
 
 def _summary(config, *, status, final_step, total_steps, final_eval,
              eval_size, stage_reports, num_params, num_classes, architecture,
-             run_start, load_report) -> dict[str, Any]:
+             run_start, load_report, conv_impl) -> dict[str, Any]:
   steps_of = lambda r: r['settings']['end_step'] - r['settings']['start_step']
   timed = [(r['step_time_s'], steps_of(r)) for r in stage_reports
            if r.get('step_time_s')]
@@ -755,6 +761,7 @@ def _summary(config, *, status, final_step, total_steps, final_eval,
       'wall_time_s': time.time() - run_start,
       'devices': jax.device_count(),
       'backend': jax.default_backend(),
+      'conv_impl': conv_impl,
   }
   if load_report is not None:
     summary['init_from'] = {

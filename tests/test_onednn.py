@@ -1,0 +1,298 @@
+"""The oneDNN convolutions (models/onednn.py, onednn_conv.cc): values and
+gradients against XLA's convolution, the build and its cache, and every way
+of being unavailable."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effnetv2_jax.models import create_model, layers, onednn
+
+# setup.py installs oneDNN on Linux x86-64, and CI has a compiler: there the
+# kernels must build, not quietly fall back.
+REQUIRED = sys.platform == 'linux' and platform.machine() == 'x86_64'
+
+
+@pytest.fixture
+def fresh_status():
+  """A status() computed under the test's environment, forgotten after."""
+  onednn.reset()
+  yield
+  onednn.reset()
+
+
+@pytest.fixture
+def kernels():
+  current = onednn.status()
+  if not current.available:
+    if REQUIRED:
+      pytest.fail(f'oneDNN convolutions unavailable: {current.reason}')
+    pytest.skip(current.reason)
+
+
+def test_kernels_build_where_the_package_installs_onednn():
+  current = onednn.status()
+  if REQUIRED:
+    assert current.available, current.reason
+    assert current.library.is_file()
+    assert 'oneDNN 3.' in current.reason
+
+
+def _xla_conv(x, kernel, strides, padding, groups):
+  return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups)
+
+
+def _value_and_grads(conv, x, kernel):
+  y, vjp = jax.vjp(conv, x, kernel)
+  dy = jax.random.normal(jax.random.key(9), y.shape)
+  return (y, *vjp(dy))
+
+
+# (input H, W, channels in, out, kernel, stride, groups): the stem, the Fused
+# stages, asymmetric TF-'SAME' padding (even sizes at stride 2), a 5x5,
+# depthwise at both strides, a grouped convolution that is not depthwise.
+CASES = [
+    (17, 17, 3, 8, 3, 2, 1),
+    (16, 12, 3, 8, 3, 2, 1),
+    (12, 12, 6, 6, 3, 1, 1),
+    (14, 14, 6, 10, 3, 2, 1),
+    (9, 11, 4, 7, 5, 1, 1),
+    (12, 12, 16, 16, 3, 1, 16),
+    (13, 13, 16, 16, 5, 2, 16),
+    (10, 10, 8, 12, 3, 1, 4),
+]
+
+
+@pytest.mark.parametrize('h,w,cin,cout,k,stride,groups', CASES)
+def test_values_and_gradients_equal_xla(kernels, h, w, cin, cout, k, stride,
+                                        groups):
+  x = jax.random.normal(jax.random.key(0), (3, h, w, cin))
+  kernel = jax.random.normal(jax.random.key(1), (k, k, cin // groups, cout))
+  padding = tuple(layers.same_padding(size, k, stride) for size in (h, w))
+  ours = jax.jit(lambda x, kernel: _value_and_grads(
+      lambda x, kernel: onednn.conv2d(x, kernel, (stride, stride), padding,
+                                      groups), x, kernel))(x, kernel)
+  ref = jax.jit(lambda x, kernel: _value_and_grads(
+      lambda x, kernel: _xla_conv(x, kernel, (stride, stride), padding,
+                                  groups), x, kernel))(x, kernel)
+  for name, a, b in zip(('output', 'input grad', 'kernel grad'), ours, ref):
+    assert a.shape == b.shape, name
+    scale = float(jnp.max(jnp.abs(b)))
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize('silu', [False, True])
+@pytest.mark.parametrize('groups', [1, 6])
+def test_bias_and_silu_epilogue_values_and_gradients(kernels, silu, groups):
+  x = jax.random.normal(jax.random.key(0), (2, 11, 11, 6))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 6 // groups, 6))
+  bias = jax.random.normal(jax.random.key(2), (6,))
+  padding = ((1, 1), (1, 1))
+
+  def reference(x, kernel, bias):
+    y = _xla_conv(x, kernel, (2, 2), padding, groups) + bias
+    return jax.nn.silu(y) if silu else y
+
+  def fused(x, kernel, bias):
+    return onednn.conv2d_bias(x, kernel, bias, (2, 2), padding, groups, silu)
+
+  def value_and_grads(f):
+    y, vjp = jax.vjp(f, x, kernel, bias)
+    return (y, *vjp(jax.random.normal(jax.random.key(3), y.shape)))
+
+  ours = jax.jit(lambda: value_and_grads(fused))()
+  ref = jax.jit(lambda: value_and_grads(reference))()
+  for name, a, b in zip(('output', 'dx', 'dkernel', 'dbias'), ours, ref):
+    scale = float(jnp.max(jnp.abs(b)))
+    assert float(jnp.max(jnp.abs(a - b))) <= 2e-5 * scale, name
+
+
+def test_eval_mode_folds_batch_norm_into_the_convolution(kernels):
+  model = create_model('b0', 10, conv_impl='onednn', rngs=0)
+  x = jnp.ones((1, 32, 32, 3))
+  evaluation = str(jax.make_jaxpr(lambda x: model(x, training=False))(x))
+  # stem, the three Fused stages' k x k convs, every depthwise: all folded.
+  assert 'effnetv2_onednn_conv_forward_bias' in evaluation
+  assert "'effnetv2_onednn_conv_forward'" not in evaluation
+  graphdef, state = nnx.split(model)
+  training = str(jax.make_jaxpr(lambda x: nnx.merge(graphdef, state, copy=True)(
+      x, training=True, dropout_rate=0.0, drop_path_rate=0.0))(x))
+  assert 'effnetv2_onednn_conv_forward_bias' not in training
+
+
+def test_layers_take_the_onednn_form(kernels):
+  conv = layers.Conv2D(4, 6, 3, 2, impl='onednn', rngs=nnx.Rngs(0))
+  dw = layers.DepthwiseConv2D(6, 3, 1, impl='onednn', rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4))
+  jaxpr = str(jax.make_jaxpr(lambda x: dw(conv(x)))(x))
+  assert jaxpr.count('effnetv2_onednn_conv_forward') == 2
+  conv.impl = dw.impl = 'xla'
+  expected = dw(conv(x))
+  conv.impl = dw.impl = 'onednn'
+  np.testing.assert_allclose(np.asarray(dw(conv(x))), np.asarray(expected),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_only_float32(kernels):
+  x = jnp.ones((1, 8, 8, 3), jnp.bfloat16)
+  with pytest.raises(TypeError, match='float32'):
+    onednn.conv2d(x, jnp.ones((3, 3, 3, 4), jnp.bfloat16), (1, 1),
+                  ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="'onednn' computes in float32"):
+    create_model('b0', 10, conv_impl='onednn', dtype=jnp.bfloat16)
+
+
+def test_handler_rejects_inconsistent_shapes(kernels):
+  x = jnp.ones((1, 8, 8, 3))
+  kernel = jnp.ones((3, 3, 3, 4))
+  with pytest.raises(jax.errors.JaxRuntimeError,
+                     match='output shape does not follow'):
+    jax.block_until_ready(onednn._call(  # 8 px out cannot come from stride 2
+        'effnetv2_onednn_conv_forward', (1, 8, 8, 4), x, kernel,
+        strides=(2, 2), padding=((1, 1), (1, 1)), groups=1))
+
+
+# ------------------------------------------------------------ build, cache
+
+
+def _library_of(tmp_path, monkeypatch):
+  monkeypatch.setenv('EFFNETV2_CACHE_DIR', str(tmp_path / 'cache'))
+  return onednn.library_path(onednn.find_compiler(), onednn.find_onednn())
+
+
+def test_build_is_cached_and_a_corrupt_cache_file_is_rebuilt(
+    kernels, fresh_status, tmp_path, monkeypatch):
+  path = _library_of(tmp_path, monkeypatch)
+  path.parent.mkdir(parents=True)
+  path.write_bytes(b'not a shared library')  # as a killed build might leave
+  current = onednn.status()
+  assert current.available, current.reason
+  assert current.library == path and path.read_bytes()[:4] == b'\x7fELF'
+  built = path.stat().st_mtime_ns
+  onednn.reset()
+  assert onednn.status().available
+  assert path.stat().st_mtime_ns == built  # loaded, not compiled again
+  assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temps
+
+
+def test_cache_key_follows_the_source(kernels, tmp_path, monkeypatch):
+  first = _library_of(tmp_path, monkeypatch)
+  source = tmp_path / 'onednn_conv.cc'
+  source.write_text(onednn.SOURCE.read_text() + '\n// changed\n')
+  monkeypatch.setattr(onednn, 'SOURCE', source)
+  assert _library_of(tmp_path, monkeypatch) != first
+
+
+def _fake_onednn_root(root: Path, major: int, header_body: str) -> Path:
+  include = root / 'include' / 'oneapi' / 'dnnl'
+  include.mkdir(parents=True)
+  (include / 'dnnl_version.h').write_text(
+      f'#define DNNL_VERSION_MAJOR {major}\n#define DNNL_VERSION_MINOR 0\n'
+      '#define DNNL_VERSION_PATCH 0\n')
+  (include / 'dnnl.hpp').write_text(header_body)
+  (root / 'lib').mkdir()
+  (root / 'lib' / 'libdnnl.so').write_bytes(b'')
+  return root
+
+
+def test_missing_onednn_falls_back_and_explains(fresh_status, tmp_path,
+                                                monkeypatch):
+  monkeypatch.setenv('EFFNETV2_ONEDNN_ROOT', str(tmp_path))
+  current = onednn.status()
+  assert not current.available
+  assert 'oneDNN >= 3.0 not found' in current.reason
+  assert 'pip install onednn-cpu-gomp' in current.reason
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  assert layers.resolve_conv_impl('auto') == 'shifted'
+  model = create_model('b0', 10, conv_impl='onednn')  # builds abstractly
+  with pytest.raises(onednn.OneDnnUnavailable, match="conv_impl='onednn'"):
+    model(jnp.ones((1, 32, 32, 3)))
+
+
+def test_onednn_2_is_refused_by_version(fresh_status, tmp_path, monkeypatch):
+  root = _fake_onednn_root(tmp_path / 'old', 2, '')
+  monkeypatch.setenv('EFFNETV2_ONEDNN_ROOT', str(root))
+  current = onednn.status()
+  assert not current.available
+  assert 'version (2, 0, 0)' in current.reason
+
+
+def test_missing_compiler_is_named(kernels, fresh_status, tmp_path,
+                                   monkeypatch):
+  monkeypatch.setenv('PATH', str(tmp_path))
+  monkeypatch.delenv('CXX', raising=False)
+  current = onednn.status()
+  assert not current.available
+  assert 'no C++ compiler' in current.reason
+
+
+def test_failed_build_reports_the_compiler_error(fresh_status, tmp_path,
+                                                 monkeypatch, caplog):
+  root = _fake_onednn_root(tmp_path / 'broken', 3,
+                           '#error this oneDNN header is broken\n')
+  monkeypatch.setenv('EFFNETV2_ONEDNN_ROOT', str(root))
+  monkeypatch.setenv('EFFNETV2_CACHE_DIR', str(tmp_path / 'cache'))
+  try:
+    onednn.find_compiler()
+  except onednn.OneDnnUnavailable:
+    pytest.skip('no C++ compiler here')
+  current = onednn.status()
+  assert not current.available
+  assert 'compiling onednn_conv.cc failed' in current.reason
+  assert 'this oneDNN header is broken' in current.reason
+  assert 'oneDNN convolutions unavailable' in caplog.text  # a warning
+  assert not any((tmp_path / 'cache').iterdir())  # no half-written library
+
+
+def test_several_devices_keep_auto_off_the_custom_call():
+  assert jax.device_count() > 1  # conftest's fake mesh
+  assert layers.resolve_conv_impl('auto') == 'shifted'
+
+
+# ------------------------------------------------------------ in the trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_single_device_runs_train_with_onednn_and_reload_it_from_the_cache(
+    kernels, tmp_path):
+  """The entry point as a user runs it on one CPU: `auto` picks oneDNN beside
+  TensorFlow's input pipeline, and a second run loads each stage's program,
+  custom calls included, from the persistent cache and trains identically."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = ' '.join(flag for flag in env.get('XLA_FLAGS', '').split()
+                              if 'device_count' not in flag)
+  cache = tmp_path / 'xla_cache'
+  summaries = []
+  for run in ('first', 'second'):
+    workdir = tmp_path / run
+    proc = subprocess.run(
+        [sys.executable, '-m', 'effnetv2_jax.main',
+         f'--config={REPO / "configs" / "tiny.py"}', f'--workdir={workdir}',
+         f'--config.compilation_cache_dir={cache}',
+         '--config.progress_bar=off', '--config.export_model=False'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert 'convolutions: onednn (oneDNN 3.' in log, log[-4000:]
+    summaries.append(json.loads((workdir / 'summary.json').read_text()))
+  first, second = summaries
+  assert first['devices'] == 1
+  assert first['conv_impl'] == second['conv_impl'] == 'onednn'
+  assert len(second['stages']) == 2
+  assert all(stage['compile_cache_hit'] for stage in second['stages'])
+  assert np.isfinite(first['eval']['loss'])
+  metrics = ('top1', 'top5', 'loss', 'ema_top1', 'ema_top5', 'ema_loss')
+  assert {k: second['eval'][k] for k in metrics} == {
+      k: first['eval'][k] for k in metrics}
