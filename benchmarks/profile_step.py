@@ -9,7 +9,7 @@ compare flags by running it once per set:
 
   python -m benchmarks.profile_step --variant s --size 300 --batch 128
   XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m benchmarks.profile_step
-  python -m benchmarks.profile_step --mode infer --depthwise shifted
+  python -m benchmarks.profile_step --mode infer --conv-impl shifted
 
 The table of the top kernels goes to stdout and to --out (a text file).
 """
@@ -36,8 +36,8 @@ from benchmarks import harness  # noqa: E402
 
 def parse_args(argv=None):
   parser = harness.base_parser(__doc__.splitlines()[0])
-  parser.add_argument('--depthwise', choices=('auto', 'xla', 'shifted'),
-                      default='auto')
+  parser.add_argument('--conv-impl', default='auto',
+                      choices=('auto', 'xla', 'shifted', 'onednn'))
   parser.add_argument('--profile-steps', type=int, default=5)
   parser.add_argument('--top', type=int, default=30)
   parser.add_argument('--out', default=None, help='also write the summary here')
@@ -126,7 +126,7 @@ def main(argv=None):
 
   start = time.perf_counter()
   model = workloads.JaxModel(architecture, dtype=dtype,
-                             depthwise_impl=args.depthwise)
+                             conv_impl=args.conv_impl)
   images, labels = workloads.synthetic_batch(batch, size)
   rng = jax.random.key(1)
   if mode == 'train':
@@ -170,7 +170,7 @@ def main(argv=None):
            else macs.inference_flops(architecture, size))
   peak = workloads.measure_matmul_peak()
   head = (f'{variant} {mode} {size}px batch {batch} {dtype} on '
-          f'{jax.devices()[0].device_kind}, depthwise {args.depthwise}, '
+          f'{jax.devices()[0].device_kind}, conv_impl {args.conv_impl}, '
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, compiler options "
           f"{'XLA defaults' if args.default_xla_options else xla_options.compiler_options()}\n"
           f'build {t_build:.1f} s, trace {t1 - t0:.1f} s, lower {t2 - t1:.1f} s, '

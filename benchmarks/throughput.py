@@ -12,8 +12,9 @@ trained image, 2 x per inferred one) over the measured bf16 matmul peak.
   python -m benchmarks.throughput --variant s --size 300 --batch 128 --mode train
   python -m benchmarks.throughput --quick --json       # seconds; rows as JSON
 
-Implementations (--impls): ours (effnetv2_jax), ours-xla-dw (ours with XLA's
-depthwise convolution), timm (tf_efficientnetv2_*, eager, channels_last),
+Implementations (--impls): ours (effnetv2_jax, conv_impl='auto'), ours-xla and
+ours-shifted (ours with conv_impl='xla' or 'shifted': on CPU, the forms
+without the oneDNN convolutions), timm (tf_efficientnetv2_*, eager, channels_last),
 timm-compile (the same under torch.compile), timm-native (timm's
 PyTorch-padding efficientnetv2_*, where it exists) and keras
 (keras.applications, inference only). References that are not installed are
@@ -35,8 +36,8 @@ from benchmarks import harness  # noqa: E402
 from effnetv2_jax import host_memory  # noqa: E402
 
 DEFAULT_IMPLS = ('ours', 'timm', 'timm-compile', 'keras')
-ALL_IMPLS = ('ours', 'ours-xla-dw', 'timm', 'timm-compile', 'timm-native',
-             'keras')
+OURS = {'ours': 'auto', 'ours-xla': 'xla', 'ours-shifted': 'shifted'}
+ALL_IMPLS = (*OURS, 'timm', 'timm-compile', 'timm-native', 'keras')
 
 
 def parse_args(argv=None):
@@ -88,11 +89,10 @@ _NATIVE_TIMM = {'s': 'efficientnetv2_s', 'm': 'efficientnetv2_m',
 
 def _make_runner(impl, variant, size, batch, mode, dtype, threads):
   from benchmarks import workloads
-  if impl in ('ours', 'ours-xla-dw'):
+  if impl in OURS:
     return workloads.jax_runner(
         impl, workloads.architecture_for(variant), size=size, batch=batch,
-        mode=mode, dtype=dtype,
-        depthwise_impl='xla' if impl == 'ours-xla-dw' else 'auto')
+        mode=mode, dtype=dtype, conv_impl=OURS[impl])
   if impl.startswith('timm'):
     return workloads.torch_runner(
         impl, variant, size=size, batch=batch, mode=mode, dtype=dtype,

@@ -134,7 +134,7 @@ class JaxModel:
   building S takes a second instead of compiling ~100 random programs.
   """
 
-  def __init__(self, architecture, *, dtype: str, depthwise_impl='auto',
+  def __init__(self, architecture, *, dtype: str, conv_impl='auto',
                num_classes=NUM_CLASSES, seed=0):
     import jax
     import jax.numpy as jnp
@@ -143,7 +143,7 @@ class JaxModel:
     self.num_classes = num_classes
     abstract = nnx.eval_shape(lambda: create_model(
         architecture, num_classes, rngs=seed, dtype=jnp.dtype(dtype),
-        depthwise_impl=depthwise_impl))
+        conv_impl=conv_impl))
     self.graphdef, params, stats = nnx.split(abstract, nnx.Param,
                                              nnx.BatchStat)
     params, stats = _fill(params, seed), _fill(stats, seed)
@@ -218,10 +218,10 @@ def synthetic_batch(batch: int, size: int, num_classes=NUM_CLASSES, seed=0):
 
 
 def jax_runner(name: str, architecture, *, size: int, batch: int, mode: str,
-               dtype: str, depthwise_impl='auto') -> Runner:
+               dtype: str, conv_impl='auto') -> Runner:
   import time
   import jax
-  model = JaxModel(architecture, dtype=dtype, depthwise_impl=depthwise_impl)
+  model = JaxModel(architecture, dtype=dtype, conv_impl=conv_impl)
   images, labels = synthetic_batch(batch, size)
 
   def sync(out):
