@@ -71,6 +71,10 @@ CASES = [
     (12, 12, 16, 16, 3, 1, 16),
     (13, 13, 16, 16, 5, 2, 16),
     (10, 10, 8, 12, 3, 1, 4),
+    # Depthwise on maps smaller than the kernel (kernel gradient by XLA).
+    (2, 2, 16, 16, 3, 1, 16),
+    (1, 1, 8, 8, 3, 1, 8),
+    (3, 2, 8, 8, 5, 2, 8),
 ]
 
 
@@ -90,6 +94,39 @@ def test_values_and_gradients_equal_xla(kernels, h, w, cin, cout, k, stride,
     assert a.shape == b.shape, name
     scale = float(jnp.max(jnp.abs(b)))
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale, name
+
+
+THREADED_CHECK = """
+import jax, jax.numpy as jnp
+from effnetv2_jax.models import layers, onednn
+assert onednn.status().available
+for groups, cin, cout in ((1, 8, 16), (16, 16, 16)):
+  x = jax.random.normal(jax.random.key(0), (4, 20, 20, cin))
+  k = jax.random.normal(jax.random.key(1), (3, 3, cin // groups, cout))
+  pad = ((1, 1), (1, 1))
+  def grads(conv):
+    y, vjp = jax.vjp(conv, x, k)
+    return (y, *vjp(jnp.cos(y)))
+  ours = grads(lambda x, k: onednn.conv2d(x, k, (1, 1), pad, groups))
+  ref = grads(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups))
+  for a, b in zip(ours, ref):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
+print('threaded ok')
+"""
+
+
+def test_threaded_calls_equal_xla(kernels):
+  """Every call above the serial threshold runs on an OpenMP team; the
+  shapes above are all below the default, so here the threshold is 0."""
+  env = dict(os.environ, EFFNETV2_ONEDNN_SERIAL_MACS='0')
+  env['XLA_FLAGS'] = ' '.join(flag for flag in env.get('XLA_FLAGS', '').split()
+                              if 'device_count' not in flag)
+  proc = subprocess.run([sys.executable, '-c', THREADED_CHECK], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and 'threaded ok' in proc.stdout, (
+      proc.stdout[-2000:] + proc.stderr[-3000:])
 
 
 @pytest.mark.parametrize('silu', [False, True])
@@ -129,6 +166,27 @@ def test_eval_mode_folds_batch_norm_into_the_convolution(kernels):
   training = str(jax.make_jaxpr(lambda x: nnx.merge(graphdef, state, copy=True)(
       x, training=True, dropout_rate=0.0, drop_path_rate=0.0))(x))
   assert 'effnetv2_onednn_conv_forward_bias' not in training
+
+
+def test_gradients_through_eval_mode_equal_xla(kernels):
+  """Fine-tuning with frozen BatchNorm differentiates through the fold:
+  into the kernels, and through scale / shift into the BN parameters."""
+  def grads(impl):
+    model = create_model('b0', 10, conv_impl=impl, rngs=0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params, rest, copy=True)(x, training=False)
+      return jnp.sum(jax.nn.log_softmax(logits)[:, 3])
+
+    return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+  ours, ref = grads('onednn'), grads('xla')
+  norms = [float(jnp.linalg.norm(b)) for b in ref]
+  floor = 1e-3 * sum(norms) / len(norms)
+  for a, b, norm in zip(ours, ref, norms):
+    assert float(jnp.linalg.norm(a - b)) <= 1e-4 * max(norm, floor)
 
 
 def test_layers_take_the_onednn_form(kernels):

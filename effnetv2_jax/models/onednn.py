@@ -19,6 +19,13 @@ on (`EFFNETV2_CACHE_DIR`, default `~/.cache/effnetv2_jax`), and registers the
 handlers with XLA. Nothing is required: when oneDNN, the compiler or the
 build is missing, `status()` says why and the models' `conv_impl='auto'`
 keeps their other CPU convolutions.
+
+Threads: oneDNN runs on OpenMP threads of its own, beside XLA's, which may
+run other operations at the same time; a team that cannot get every core
+then waits at its barriers (the digits stem's kernel gradient: 0.03 ms
+alone, 3.2 ms inside a train step). So a call with less than
+`EFFNETV2_ONEDNN_SERIAL_MACS` multiply-adds (default 16 Mi) runs on the
+calling thread alone, and larger ones on every core.
 """
 
 from __future__ import annotations
@@ -324,6 +331,17 @@ def _conv_fwd(x, kernel, strides, padding, groups):
 def _input_and_kernel_grads(x, kernel, dy, settings):
   dx = _call('effnetv2_onednn_conv_input_grad', x.shape, dy, kernel,
              **settings)
+  depthwise = settings['groups'] > 1 and kernel.shape[2] == 1
+  if depthwise and (x.shape[1] < kernel.shape[0]
+                    or x.shape[2] < kernel.shape[1]):
+    # On maps smaller than the kernel (the last stages of small images)
+    # oneDNN 3.2 drops its depthwise kernel for a grouped one that pads each
+    # channel to 16 x 16 blocks: 0.5-0.7 ms at 2 px, 1536 channels. With the
+    # padding applied beforehand the map is no smaller than the kernel, and
+    # the sums are the same.
+    x = jax.numpy.pad(x, ((0, 0), settings['padding'][0],
+                          settings['padding'][1], (0, 0)))
+    settings = dict(settings, padding=((0, 0), (0, 0)))
   dkernel = _call('effnetv2_onednn_conv_kernel_grad', kernel.shape, x, dy,
                   **settings)
   return dx, dkernel

@@ -14,11 +14,11 @@
 // (>= 3.0) headers and jaxlib's FFI headers.
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -28,6 +28,13 @@
 #endif
 
 namespace ffi = xla::ffi;
+
+// OpenMP's, resolved through libdnnl's own libgomp: declared here rather
+// than through omp.h so that no compiler flag can bind another runtime.
+extern "C" {
+void omp_set_num_threads(int num_threads);
+int omp_get_max_threads(void);
+}
 
 namespace {
 
@@ -53,6 +60,12 @@ struct Geometry {
   int64_t stride_h, stride_w;
   int64_t pad_top, pad_left, pad_bottom, pad_right;
   int64_t groups;
+
+  // Multiply-adds of the convolution (each pass does as many).
+  int64_t Macs() const {
+    return batch * out_h * out_w * kernel_h * kernel_w * (in_c / groups) *
+           out_c;
+  }
 
   std::string Key(Pass pass) const {
     std::string key(reinterpret_cast<const char*>(this), sizeof(*this));
@@ -204,12 +217,33 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> in, ffi::Span<const int64_t> k,
   return ffi::Error::Success();
 }
 
+// oneDNN's OpenMP threads are not XLA's: XLA may run other operations on its
+// own threads meanwhile, and a team that cannot get every core waits at its
+// barriers (the digits stem's kernel gradient: 0.03 ms alone, 3.2 ms inside
+// a train step). Below this much work one thread does it without a team.
+int64_t SerialMacs() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("EFFNETV2_ONEDNN_SERIAL_MACS");
+    return env ? std::atoll(env) : int64_t{16} << 20;
+  }();
+  return value;
+}
+
+int Threads(const Geometry& g) {
+  static const int all = omp_get_max_threads();
+  return g.Macs() < SerialMacs() ? 1 : all;
+}
+
 // `input`, `kernel` and `output` are the operands of the forward
 // convolution; each pass reads two of them and writes the third. `bias`
 // only for the fused forward passes.
 ffi::Error Execute(const Geometry& g, Pass pass, void* input, void* kernel,
                    void* output, void* bias = nullptr) {
   try {
+    // Per call, as XLA calls from any of its threads and this is a thread's
+    // setting; before the plan too, whose primitive is partitioned for the
+    // thread count it is created with.
+    omp_set_num_threads(Threads(g));
     const Plan& plan = CachedPlan(g, pass);
     dnnl::stream stream(Engine());
     memory stored_kernel(Kernel(g, true), Engine(), kernel);
@@ -220,11 +254,13 @@ ffi::Error Execute(const Geometry& g, Pass pass, void* input, void* kernel,
         plan.kernel_in.execute(stream, stored_kernel, plan_kernel);
       }
     }
-    std::vector<uint8_t> scratch(plan.scratchpad_bytes);
+    // Left uninitialised: a vector would zero megabytes (the kernel
+    // gradients' per-thread partial sums) that oneDNN writes before reading.
+    std::unique_ptr<uint8_t[]> scratch(new uint8_t[plan.scratchpad_bytes]);
     memory scratchpad(
-        memory::desc({static_cast<int64_t>(scratch.size())},
+        memory::desc({static_cast<int64_t>(plan.scratchpad_bytes)},
                      memory::data_type::u8, Tag::x),
-        Engine(), scratch.data());
+        Engine(), scratch.get());
     memory in(Input(g), Engine(), input);
     memory out(Output(g), Engine(), output);
     if (pass == Pass::kForward) {
