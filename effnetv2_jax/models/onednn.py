@@ -11,11 +11,12 @@ change 14.
 
 `onednn_conv.cc`, beside this file, holds the XLA FFI handlers: forward,
 input gradient, kernel gradient, and a forward with a bias and SiLU applied
-as the output is written (eval-mode BatchNorm folded in: `conv2d_bias`). The first `status()` of a process compiles
-it with the system's C++ compiler against oneDNN (the `onednn-cpu-gomp`
-wheel, a dependency on Linux x86-64, or `EFFNETV2_ONEDNN_ROOT`) and jaxlib's
-FFI headers, caches the library under a key of everything the build depends
-on (`EFFNETV2_CACHE_DIR`, default `~/.cache/effnetv2_jax`), and registers the
+as the output is written (eval-mode BatchNorm folded in: `conv2d_bias`).
+The first `status()` of a process compiles it with the system's C++
+compiler against oneDNN (the `onednn-cpu-gomp` wheel, a dependency on Linux
+x86-64, or `EFFNETV2_ONEDNN_ROOT`) and jaxlib's FFI headers, caches the
+library under a key of everything the build depends on
+(`EFFNETV2_CACHE_DIR`, default `~/.cache/effnetv2_jax`), and registers the
 handlers with XLA. Nothing is required: when oneDNN, the compiler or the
 build is missing, `status()` says why and the models' `conv_impl='auto'`
 keeps their other CPU convolutions.
