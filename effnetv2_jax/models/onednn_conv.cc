@@ -115,6 +115,14 @@ struct Plan {
   size_t scratchpad_bytes = 0;
 };
 
+// `kernel`: the kernel layout the primitive reads or writes.
+template <typename Primitive, typename PrimitiveDesc>
+void Use(const PrimitiveDesc& pd, const memory::desc& kernel, Plan* plan) {
+  plan->primitive = Primitive(pd);
+  plan->kernel = kernel;
+  plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
+}
+
 std::unique_ptr<Plan> MakePlan(const Geometry& g, Pass pass) {
   dnnl::primitive_attr attr;
   // Each call brings its own scratchpad: XLA may run two instances of the
@@ -130,9 +138,8 @@ std::unique_ptr<Plan> MakePlan(const Geometry& g, Pass pass) {
       Output(g), strides, pad_before, pad_after, attr);
   auto plan = std::make_unique<Plan>();
   if (pass == Pass::kForward) {
-    plan->primitive = dnnl::convolution_forward(forward);
-    plan->kernel = forward.weights_desc();
-    plan->scratchpad_bytes = forward.scratchpad_desc().get_size();
+    Use<dnnl::convolution_forward>(forward, forward.weights_desc(),
+                                   plan.get());
   } else if (pass == Pass::kForwardBias || pass == Pass::kForwardBiasSilu) {
     dnnl::primitive_attr fused_attr = attr;
     if (pass == Pass::kForwardBiasSilu) {
@@ -144,25 +151,20 @@ std::unique_ptr<Plan> MakePlan(const Geometry& g, Pass pass) {
         Engine(), dnnl::prop_kind::forward_inference,
         dnnl::algorithm::convolution_direct, Input(g), Kernel(g, false),
         Bias(g), Output(g), strides, pad_before, pad_after, fused_attr);
-    plan->primitive = dnnl::convolution_forward(pd);
-    plan->kernel = pd.weights_desc();
-    plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
+    Use<dnnl::convolution_forward>(pd, pd.weights_desc(), plan.get());
   } else if (pass == Pass::kInputGrad) {
     dnnl::convolution_backward_data::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, Input(g),
         Kernel(g, false), Output(g), strides, pad_before, pad_after, forward,
         attr);
-    plan->primitive = dnnl::convolution_backward_data(pd);
-    plan->kernel = pd.weights_desc();
-    plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
+    Use<dnnl::convolution_backward_data>(pd, pd.weights_desc(), plan.get());
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, Input(g),
         Kernel(g, false), Output(g), strides, pad_before, pad_after, forward,
         attr);
-    plan->primitive = dnnl::convolution_backward_weights(pd);
-    plan->kernel = pd.diff_weights_desc();
-    plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
+    Use<dnnl::convolution_backward_weights>(pd, pd.diff_weights_desc(),
+                                            plan.get());
   }
   const memory::desc stored = Kernel(g, true);
   plan->reorder_kernel = plan->kernel != stored;
