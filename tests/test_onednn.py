@@ -313,6 +313,41 @@ def test_failed_build_reports_the_compiler_error(fresh_status, tmp_path,
   assert not any((tmp_path / 'cache').iterdir())  # no half-written library
 
 
+def test_a_malformed_serial_threshold_is_named(fresh_status, monkeypatch):
+  monkeypatch.setenv('EFFNETV2_ONEDNN_SERIAL_MACS', '16M')
+  current = onednn.status()
+  assert not current.available
+  assert "EFFNETV2_ONEDNN_SERIAL_MACS must be a whole number" in current.reason
+  assert "'16M'" in current.reason
+
+
+def test_onednn_is_refused_off_the_cpu(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(onednn.OneDnnUnavailable, match='runs on CPU'):
+    onednn.require()
+
+
+def test_trainer_names_the_key_when_onednn_cannot_run(fresh_status, tmp_path,
+                                                     monkeypatch):
+  from effnetv2_jax.training import trainer
+  monkeypatch.setenv('EFFNETV2_ONEDNN_ROOT', str(tmp_path / 'nowhere'))
+  config = _tiny_config()
+  config.model.conv_impl = 'onednn'
+  with pytest.raises(trainer.ConfigError,
+                     match=r"config.model.conv_impl='onednn': .*not found"):
+    trainer.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  assert not (tmp_path / 'workdir' / 'checkpoints').exists()
+
+
+def _tiny_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'tiny_config', REPO / 'configs' / 'tiny.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def test_several_devices_keep_auto_off_the_custom_call():
   assert jax.device_count() > 1  # conftest's fake mesh
   assert layers.resolve_conv_impl('auto') == 'shifted'

@@ -95,15 +95,6 @@ class Conv2D(nnx.Module):
     return (not self._pointwise()
             and resolve_conv_impl(self.impl, self.dtype) == 'onednn')
 
-  def with_folded_affine(self, x, scale, shift, *, silu: bool):
-    """`conv(x) * scale + shift` (then SiLU) per output channel, in one
-    oneDNN call; see `conv_bn`."""
-    bias = shift
-    if self.bias is not None:
-      bias = bias + self.bias[...] * scale
-    return _onednn_conv(x.astype(self.dtype), self.kernel[...] * scale,
-                        self.stride, bias=bias, silu=silu)
-
   def __call__(self, x):
     kernel = self.kernel[...]
     x = x.astype(self.dtype)
@@ -363,13 +354,6 @@ class DepthwiseConv2D(nnx.Module):
   def runs_on_onednn(self) -> bool:
     return resolve_conv_impl(self.impl, self.dtype) == 'onednn'
 
-  def with_folded_affine(self, x, scale, shift, *, silu: bool):
-    """`conv(x) * scale + shift` (then SiLU) per channel, in one oneDNN
-    call; see `conv_bn`."""
-    return _onednn_conv(x.astype(self.dtype), self.kernel[...] * scale,
-                        self.stride, groups=x.shape[-1], bias=shift,
-                        silu=silu)
-
   def __call__(self, x):
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
@@ -553,8 +537,16 @@ def conv_bn(conv, bn: BatchNorm, x, *, training: bool, groups: int = 1,
   if training or not conv.runs_on_onednn():
     return bn(conv(x), training=training, groups=groups,
               activation=activation)
+  # x * scale + shift per output channel, folded into the kernel's last axis
+  # (HWIO, and [k, k, 1, C] for depthwise alike) and a bias.
   scale, shift = bn.eval_affine()
-  return conv.with_folded_affine(x, scale, shift, silu=activation == 'silu')
+  bias = shift
+  if getattr(conv, 'bias', None) is not None:
+    bias = bias + conv.bias[...] * scale
+  conv_groups = x.shape[-1] if isinstance(conv, DepthwiseConv2D) else 1
+  return _onednn_conv(x.astype(conv.dtype), conv.kernel[...] * scale,
+                      conv.stride, conv_groups, bias=bias,
+                      silu=activation == 'silu')
 
 
 class SqueezeExcite(nnx.Module):

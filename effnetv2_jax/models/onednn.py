@@ -24,7 +24,7 @@ keeps their other CPU convolutions.
 Threads: oneDNN runs on OpenMP threads of its own, beside XLA's, which may
 run other operations at the same time; a team that cannot get every core
 then waits at its barriers (the digits stem's kernel gradient: 0.03 ms
-alone, 3.2 ms inside a train step). So a call with less than
+alone, 3.2 ms inside a train step). So a call with fewer than
 `EFFNETV2_ONEDNN_SERIAL_MACS` multiply-adds (default 16 Mi) runs on the
 calling thread alone, and larger ones on every core.
 """
@@ -222,6 +222,7 @@ def status() -> Status:
       return _status
     path = None
     try:
+      _check_serial_macs()
       onednn = find_onednn()
       compiler = find_compiler()
       path = library_path(compiler, onednn)
@@ -255,10 +256,27 @@ def reset() -> None:
 
 
 def require() -> None:
+  """Raises OneDnnUnavailable, saying why, unless the kernels can run."""
+  if jax.default_backend() != 'cpu':
+    raise OneDnnUnavailable(
+        "conv_impl='onednn' runs on CPU; the default backend is "
+        f"{jax.default_backend()} (use 'auto' or 'xla')")
   current = status()
   if not current.available:
     raise OneDnnUnavailable(
         f"conv_impl='onednn' needs the oneDNN convolutions: {current.reason}")
+
+
+SERIAL_MACS_VARIABLE = 'EFFNETV2_ONEDNN_SERIAL_MACS'
+
+
+def _check_serial_macs() -> None:
+  """The handlers read this variable themselves (atoll: a typo would be 0)."""
+  value = os.environ.get(SERIAL_MACS_VARIABLE)
+  if value is not None and not value.strip().isdigit():
+    raise OneDnnUnavailable(
+        f'{SERIAL_MACS_VARIABLE} must be a whole number of multiply-adds '
+        f'(calls below it run on one thread), got {value!r}')
 
 
 def export_exemptions() -> list:

@@ -42,6 +42,7 @@ import numpy as np
 
 from effnetv2_jax import host_memory
 from effnetv2_jax.models import layers
+from effnetv2_jax.models import onednn
 from effnetv2_jax.models import xla_options
 from effnetv2_jax.training import checkpointing
 from effnetv2_jax.training import config_checks
@@ -488,6 +489,11 @@ def train_and_evaluate(config, workdir: str, *,
   if jax.default_backend() == 'cpu':
     log.info('host memory: %s', host_memory.status())
   compute_dtype = resolve_dtype(config.model.dtype)
+  if config.model.conv_impl == 'onednn':
+    try:
+      onednn.require()
+    except onednn.OneDnnUnavailable as e:
+      raise ConfigError(f"config.model.conv_impl='onednn': {e}") from None
   log.info('convolutions: %s',
            layers.describe_conv_impl(config.model.conv_impl, compute_dtype))
 
