@@ -168,7 +168,7 @@ def main(argv=None):
   median = statistics.median(times)
   flops = (macs.train_flops(architecture, size) if mode == 'train'
            else macs.inference_flops(architecture, size))
-  peak = workloads.measure_matmul_peak()
+  peak = workloads.measure_matmul_peak(dtype)
   head = (f'{variant} {mode} {size}px batch {batch} {dtype} on '
           f'{jax.devices()[0].device_kind}, conv_impl {args.conv_impl}, '
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, compiler options "
@@ -179,7 +179,7 @@ def main(argv=None):
           f'{1e3 * max(times):.2f}), {batch / median:,.0f} img/s')
   if peak:
     head += (f', MFU {100 * flops * batch / median / peak:.1f}% of '
-             f'{peak / 1e12:.0f} TFLOP/s')
+             f'{peak / 1e12:.3g} TFLOP/s {dtype} matmul')
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     for _ in range(args.profile_steps):

@@ -6,7 +6,9 @@ autotuning excluded), each in a fresh process of its own so that it has the
 cores to itself with its framework's default threading, and the table gives median images/s, the spread over
 the timed samples, and ours / theirs. On a GPU it also gives model FLOP
 utilisation: FLOPs from the architecture (benchmarks/macs.py; 6 x MACs per
-trained image, 2 x per inferred one) over the measured bf16 matmul peak.
+trained image, 2 x per inferred one) over a matmul's measured FLOP/s in the
+compute dtype (bf16 on a GPU, f32 on a CPU, where it shows how close both
+frameworks run to what the cores can do).
 
   python -m benchmarks.throughput                      # S and B0, 128/224/300
   python -m benchmarks.throughput --variant s --size 300 --batch 128 --mode train
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -57,10 +60,19 @@ def parse_args(argv=None):
                            'was before that restart, as their users run them')
   parser.add_argument('--child-cell', nargs=7, default=None,
                       help=argparse.SUPPRESS)
+  parser.add_argument('--rounds', type=int, default=1,
+                      help='measure each row this many times, the '
+                           'implementations in alternating order, and give '
+                           "ours / this as the median of the rounds' ratios "
+                           'with their range: on a noisy machine a ratio '
+                           'paired within a round is steadier than one of '
+                           'two separate medians')
   parser.add_argument('--steps-per-sample', type=int, default=None,
                       help='steps per timed sample (default 1 on CPU, 10 on '
                            'GPU, where one host sync per step would show)')
   args = parser.parse_args(argv)
+  if args.rounds < 1:
+    parser.error(f'--rounds must be at least 1, got {args.rounds}')
   if args.same_process and args.reference_memory == 'stock':
     parser.error('--reference-memory stock needs a process per '
                  'implementation (drop --same-process)')
@@ -167,6 +179,49 @@ def _time_isolated(args, impl, variant, size, batch, mode, dtype, threads
   return cells[0]
 
 
+def measure_round(args, measure, index, variant, size, batch, mode, dtype,
+                  threads) -> dict:
+  """One timing of every implementation for a row; odd rounds run them in
+  reverse order, so neither side always follows the other (a machine's
+  slow spell or warm caches would otherwise favour one)."""
+  impls = args.impls if index % 2 == 0 else list(reversed(args.impls))
+  timings = {impl: measure(args, impl, variant, size, batch, mode, dtype,
+                           threads) for impl in impls}
+  return {impl: timings[impl] for impl in args.impls}
+
+
+def pool_rounds(rounds: list[dict]) -> dict:
+  """Per implementation: every round's samples together, the first round's
+  first-step figures, or the first round's reason for not running."""
+  pooled = {}
+  for impl in rounds[0]:
+    timed = [r[impl] for r in rounds if 'samples' in r[impl]]
+    if not timed:
+      pooled[impl] = rounds[0][impl]
+      continue
+    pooled[impl] = dict(timed[0])
+    pooled[impl]['samples'] = [s for t in timed for s in t['samples']]
+  return pooled
+
+
+def paired_ratios(rounds: list[dict], impl: str, batch: int) -> dict:
+  """ours / impl: the median over rounds of the ratio of the two medians
+  taken in the same round, with the lowest and highest round's ratio."""
+  ratios = []
+  for r in rounds:
+    ours, this = r.get('ours', {}), r[impl]
+    if 'samples' in ours and 'samples' in this:
+      ratios.append(harness.summarize(ours['samples'], batch)['img_s_median']
+                    / harness.summarize(this['samples'], batch)['img_s_median'])
+  if not ratios:
+    return {}
+  out = {'ours_vs_this': statistics.median(ratios)}
+  if len(rounds) > 1:
+    out.update(ratio_min=min(ratios), ratio_max=max(ratios),
+               rounds=len(ratios))
+  return out
+
+
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   threads = harness.setup_process(args.threads)
@@ -186,7 +241,7 @@ def main(argv=None) -> list[dict]:
     print(_CHILD_MARK + json.dumps(timing), flush=True)
     return []
   device = jax.devices()[0].device_kind
-  peak = workloads.measure_matmul_peak()
+  peak = workloads.measure_matmul_peak(dtype)
   measure = _time_one if args.same_process else _time_isolated
 
   rows = []
@@ -195,13 +250,11 @@ def main(argv=None) -> list[dict]:
     for size in args.size:
       batch = args.batch or (8 if on_cpu else 128)
       for mode in args.mode:
-        timings = {impl: measure(args, impl, variant, size, batch, mode,
-                                 dtype, threads) for impl in args.impls}
+        rounds = [measure_round(args, measure, r, variant, size, batch, mode,
+                                dtype, threads) for r in range(args.rounds)]
+        timings = pool_rounds(rounds)
         flops = (macs.train_flops(architecture, size) if mode == 'train'
                  else macs.inference_flops(architecture, size))
-        ours = timings.get('ours', {})
-        ours_rate = (harness.summarize(ours['samples'], batch)['img_s_median']
-                     if 'samples' in ours else None)
         for impl in args.impls:
           row = dict(variant=variant, image_size=size, batch=batch, mode=mode,
                      impl=impl, dtype=dtype, device=device)
@@ -214,8 +267,7 @@ def main(argv=None) -> list[dict]:
             for key in ('compile_s', 'first_run_s'):  # ours: apart
               if key in t:
                 row[key] = t[key]
-            if ours_rate:
-              row['ours_vs_this'] = ours_rate / row['img_s_median']
+            row.update(paired_ratios(rounds, impl, batch))
             if peak:
               row['mfu'] = flops * row['img_s_median'] / peak
           else:
@@ -233,13 +285,15 @@ def main(argv=None) -> list[dict]:
         'same as ours' if args.reference_memory == 'same' else
         'stock: the environment before the host-memory restart')
   if peak:
-    env['bf16_matmul_peak_TFLOPs'] = round(peak / 1e12, 1)
+    env[f'{dtype}_matmul_peak_TFLOPs'] = round(peak / 1e12, 3)
   columns = [('variant', 'variant'), ('image_size', 'px'), ('batch', 'batch'),
              ('mode', 'mode'), ('impl', 'impl'), ('dtype', 'dtype'),
              ('img_s_median', 'img/s median'), ('img_s_min', 'min'),
-             ('img_s_max', 'max'), ('ours_vs_this', 'ours / this'),
-             ('first_step_s', 'first step s'), ('compile_s', 'of it compile'),
-             ('first_run_s', 'of it run')]
+             ('img_s_max', 'max'), ('ours_vs_this', 'ours / this')]
+  if args.rounds > 1:
+    columns += [('ratio_min', 'lowest round'), ('ratio_max', 'highest round')]
+  columns += [('first_step_s', 'first step s'),
+              ('compile_s', 'of it compile'), ('first_run_s', 'of it run')]
   if peak:
     columns.append(('mfu', 'MFU'))
   columns.append(('note', 'note'))
@@ -247,9 +301,14 @@ def main(argv=None) -> list[dict]:
            'sample. ours / this > 1 means ours is faster. first step: '
            'compile (or torch.compile) + the first step; ours compiles ahead '
            'of time, so its compile and its first run show apart.')
+  if args.rounds > 1:
+    notes += (f' {args.rounds} rounds, the implementations in alternating '
+              'order: img/s over all rounds\' samples; ours / this is the '
+              'median over rounds of the ratio measured within each round, '
+              'lowest/highest round its range; first step from round 1.')
   if peak:
     notes += (' MFU: architecture FLOPs (6 x MACs per trained image, 2 x per '
-              'inferred one) x img/s / measured bf16 matmul peak.')
+              f'inferred one) x img/s / measured {dtype} matmul peak.')
   harness.report('throughput', env, harness.markdown_table(rows, columns),
                  args, rows, notes)
   return rows

@@ -172,6 +172,37 @@ def test_throughput_rejects_stock_references_in_one_process(capsys):
   assert 'drop --same-process' in capsys.readouterr().err
 
 
+def test_throughput_rounds_alternate_and_pair_their_ratios():
+  calls = []
+
+  def fake_measure(args, impl, *rest):
+    calls.append(impl)
+    # Round 1 finds the machine twice as slow for both: a paired ratio
+    # stays 1.25, a ratio of pooled medians would not.
+    slow = 2.0 if len(calls) > 2 else 1.0
+    if impl == 'keras':
+      return {'skip': 'not installed'}
+    seconds = {'ours': 0.8, 'timm': 1.0}[impl] * slow
+    return {'samples': [seconds, seconds * 1.1], 'first_step_s': len(calls)}
+
+  args = throughput.parse_args(['--impls', 'ours', 'timm', 'keras',
+                                '--rounds', '2'])
+  rounds = [throughput.measure_round(args, fake_measure, r, 's', 128, 8,
+                                     'infer', 'float32', 2) for r in range(2)]
+  assert calls == ['ours', 'timm', 'keras', 'keras', 'timm', 'ours']
+  pooled = throughput.pool_rounds(rounds)
+  assert len(pooled['ours']['samples']) == 4
+  assert pooled['ours']['first_step_s'] == 1  # round 1's
+  assert pooled['keras'] == {'skip': 'not installed'}
+  paired = throughput.paired_ratios(rounds, 'timm', batch=8)
+  assert paired['ours_vs_this'] == pytest.approx(1.25)
+  assert paired['ratio_min'] == pytest.approx(1.25) == paired['ratio_max']
+  assert paired['rounds'] == 2
+  assert throughput.paired_ratios(rounds, 'keras', batch=8) == {}
+  with pytest.raises(SystemExit):
+    throughput.parse_args(['--rounds', '0'])
+
+
 _FAKE_WORKER = '''
 import sys, time
 print('noise before the result')
