@@ -168,13 +168,50 @@ def test_eval_mode_folds_batch_norm_into_the_convolution(kernels):
   assert 'effnetv2_onednn_conv_forward_bias' not in training
 
 
+@pytest.mark.parametrize('silu', [False, True])
+def test_eval_mode_1x1_convolutions_join_oneDNN_on_large_maps(kernels, silu):
+  conv = layers.Conv2D(8, 16, 1, impl='onednn', rngs=nnx.Rngs(0))
+  bn = layers.BatchNorm(16, rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.key(7), 4)
+  bn.scale.set_value(1 + 0.3 * jax.random.normal(keys[0], (16,)))
+  bn.bias.set_value(0.3 * jax.random.normal(keys[1], (16,)))
+  bn.mean.set_value(0.3 * jax.random.normal(keys[2], (16,)))
+  bn.var.set_value(jax.random.uniform(keys[3], (16,), minval=0.5, maxval=2))
+  activation = 'silu' if silu else None
+
+  def loss_for(impl):
+    conv.impl = impl  # static: part of the graphdef split below
+    graphdef, params, stats = nnx.split((conv, bn), nnx.Param, ...)
+
+    def loss(params, x):
+      c, b = nnx.merge(graphdef, params, stats, copy=True)
+      y = layers.conv_bn(c, b, x, training=False, activation=activation)
+      return jnp.sum(jnp.sin(y))
+
+    return loss, params
+
+  rows = layers.ONEDNN_POINTWISE_MIN_ROWS
+  for height, joins in ((rows // 32, True), (rows // 32 - 1, False)):
+    x = jax.random.normal(jax.random.key(height), (1, height, 32, 8))
+    (loss, params), (ref_loss, _) = loss_for('onednn'), loss_for('xla')
+    jaxpr = str(jax.make_jaxpr(loss)(params, x))
+    assert ('effnetv2_onednn_conv_forward_bias' in jaxpr) == joins, height
+    assert 'effnetv2_onednn' not in str(jax.make_jaxpr(ref_loss)(params, x))
+    ours = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+    ref = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1)))(params, x)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+      scale = float(jnp.max(jnp.abs(b)))
+      assert float(jnp.max(jnp.abs(a - b))) <= 2e-5 * max(scale, 1.0)
+
+
 def test_gradients_through_eval_mode_equal_xla(kernels):
   """Fine-tuning with frozen BatchNorm differentiates through the fold:
   into the kernels, and through scale / shift into the BN parameters."""
   def grads(impl):
     model = create_model('b0', 10, conv_impl=impl, rngs=0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    # 64 px: stage 1 (32 x 32 x 2 rows) takes the 1x1 oneDNN route too.
+    x = jax.random.normal(jax.random.key(4), (2, 64, 64, 3))
 
     def loss(params):
       logits = nnx.merge(graphdef, params, rest, copy=True)(x, training=False)

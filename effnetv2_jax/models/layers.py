@@ -172,7 +172,7 @@ def resolve_conv_impl(impl: str, dtype=jnp.float32) -> str:
   by XLA. 'onednn': depthwise and dense k x k convolutions as oneDNN custom
   calls (CPU, float32; `onednn.py`). 'auto': 'xla' on GPU/TPU; on CPU
   'onednn' where it builds, else 'shifted'. 1x1 convolutions are dots in
-  every form.
+  every form, except in `conv_bn`'s eval mode under 'onednn' on large maps.
   """
   check_conv_impl(impl, dtype)
   if impl != 'auto':
@@ -527,14 +527,34 @@ class BatchNorm(nnx.Module):
     return inv, self.bias[...] - self.mean[...] * inv
 
 
+# Eval-mode 1x1 convolutions with at least this many output rows (batch x
+# height x width) run as oneDNN convolutions with the BN folded in; smaller
+# ones stay XLA dots, which fuse the neighbouring BN, SE gate and residual
+# work. Inference on 2 cores, batch 8, alternating steps in one process:
+# from 1,500 rows S 224 px +3.5-4.6%, B0 224 px +2.1-3.1%, 128 px within
+# +-1.5%; with every 1x1 on oneDNN the 128 px cells lost 2-3%; train steps
+# lost with them (benchmarks/README.md, changes 14 and 15).
+ONEDNN_POINTWISE_MIN_ROWS = 1536
+
+
+def _folds_into_onednn(conv, x) -> bool:
+  """Whether eval-mode `conv_bn(conv, ..., x)` is one oneDNN call."""
+  if isinstance(conv, Conv2D) and conv._pointwise():
+    rows = x.shape[0] * x.shape[1] * x.shape[2]
+    return (rows >= ONEDNN_POINTWISE_MIN_ROWS
+            and resolve_conv_impl(conv.impl, conv.dtype) == 'onednn')
+  return conv.runs_on_onednn()
+
+
 def conv_bn(conv, bn: BatchNorm, x, *, training: bool, groups: int = 1,
             activation=None):
   """`bn(conv(x), ...)`. In eval mode, when `conv` runs through oneDNN, one
   custom call instead: the BN folded into the kernel and a bias, SiLU
   applied as the output is written, which saves a pass over the activations
-  (benchmarks/README.md, change 14)."""
+  (benchmarks/README.md, change 14); 1x1 convolutions join on large maps
+  (`ONEDNN_POINTWISE_MIN_ROWS`)."""
   _check_activation(activation)
-  if training or not conv.runs_on_onednn():
+  if training or not _folds_into_onednn(conv, x):
     return bn(conv(x), training=training, groups=groups,
               activation=activation)
   # x * scale + shift per output channel, folded into the kernel's last axis
