@@ -4,7 +4,8 @@ For each (variant, image size, mode) every implementation runs the same batch,
 image size, compute dtype and thread count, after warm-up (compiles and
 autotuning excluded), each in a fresh process of its own so that it has the
 cores to itself with its framework's default threading, and the table gives median images/s, the spread over
-the timed samples, and ours / theirs. On a GPU it also gives model FLOP
+the timed samples, and ours / theirs (with `--rounds N`, the median of N
+ratios each measured within one round). It also gives model FLOP
 utilisation: FLOPs from the architecture (benchmarks/macs.py; 6 x MACs per
 trained image, 2 x per inferred one) over a matmul's measured FLOP/s in the
 compute dtype (bf16 on a GPU, f32 on a CPU, where it shows how close both
