@@ -532,8 +532,9 @@ class BatchNorm(nnx.Module):
 # ones stay XLA dots, which fuse the neighbouring BN, SE gate and residual
 # work. Inference on 2 cores, batch 8, alternating steps in one process:
 # from 1,500 rows S 224 px +3.5-4.6%, B0 224 px +2.1-3.1%, 128 px within
-# +-1.5%; with every 1x1 on oneDNN the 128 px cells lost 2-3%; train steps
-# lost with them (benchmarks/README.md, changes 14 and 15).
+# +-1.5%, at batch 32 S 128 px +4.6%; with every 1x1 on oneDNN the batch-8
+# 128 px cells lost 2-3%; train steps lost with them (benchmarks/README.md,
+# changes 14 and 15).
 ONEDNN_POINTWISE_MIN_ROWS = 1536
 
 
