@@ -254,7 +254,7 @@ def jax_runner(name: str, architecture, *, size: int, batch: int, mode: str,
   return Runner(name, run, sync, close, compile_s=compile_s)
 
 
-def measure_matmul_peak(dtype: str = 'bfloat16') -> float:
+def measure_matmul_peak(dtype: str) -> float:
   """Matmul FLOP/s of the default JAX device in `dtype`: the best of five
   timings of 8192^3 on an accelerator, 2048^3 on a CPU (big enough to reach
   the vector units' rate, small enough to take a second)."""
