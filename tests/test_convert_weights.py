@@ -16,10 +16,10 @@ TINY = arch.scaled(arch.get_architecture('b0'), width=0.25, depth=0.25,
                    head_channels=32, name='tiny')
 
 
-def random_model(architecture=TINY, num_classes=10, seed=0):
+def random_model(architecture=TINY, num_classes=10, seed=0, **model_kwargs):
   """A model with random (not initialiser) values in every variable."""
   abstract = weights.abstract_model(architecture, num_classes,
-                                    conv_impl='xla')
+                                    conv_impl='xla', **model_kwargs)
   _, params, stats, _ = weights._split(abstract)
   rng = np.random.default_rng(seed)
 
@@ -29,7 +29,7 @@ def random_model(architecture=TINY, num_classes=10, seed=0):
 
   return weights.model_from_variables(
       architecture, num_classes, fill(nnx.to_pure_dict(params), -1.0),
-      fill(nnx.to_pure_dict(stats), 0.5), conv_impl='xla')
+      fill(nnx.to_pure_dict(stats), 0.5), conv_impl='xla', **model_kwargs)
 
 
 def logits(model, x):
@@ -39,9 +39,14 @@ def logits(model, x):
       lambda s, x: nnx.merge(graphdef, s)(x, training=False))(state, x))
 
 
+# Not the default BN epsilon (1e-3): a loader that ignored model.json's value
+# would give other logits.
+BN_EPSILON = 1e-5
+
+
 @pytest.fixture(scope='module')
 def tiny_model():
-  return random_model()
+  return random_model(bn_epsilon=BN_EPSILON)
 
 
 @pytest.fixture(scope='module')
@@ -57,6 +62,7 @@ def test_round_trip_gives_identical_logits(tiny_model, saved):
                   jnp.float32)
   loaded = weights.load_model(saved, conv_impl='xla')
   np.testing.assert_array_equal(logits(tiny_model, x), logits(loaded, x))
+  assert loaded.stem.bn.epsilon == BN_EPSILON
   assert loaded.num_classes == 10
   assert loaded.architecture == TINY
 
@@ -64,12 +70,10 @@ def test_round_trip_gives_identical_logits(tiny_model, saved):
 def test_model_json_describes_the_model(saved):
   with open(os.path.join(saved, weights.META_FILE)) as f:
     meta = json.load(f)
-  assert meta['format'] == weights.FORMAT
-  assert meta['format_version'] == weights.FORMAT_VERSION
   assert arch.Architecture.from_dict(meta['architecture']) == TINY
   assert meta['num_classes'] == 10
   assert meta['normalization'] == 'imagenet'  # B-family default
-  assert meta['bn_epsilon'] == pytest.approx(1e-3)
+  assert meta['bn_epsilon'] == BN_EPSILON
   assert meta['source'] == 'unit test'
   assert meta['extra'] == {'note': 'x'}
 
@@ -88,7 +92,7 @@ def test_load_variables_returns_model_shaped_pure_dicts(tiny_model, saved):
 
 def test_trainer_reads_a_model_directory(tiny_model, saved):
   """The trainer's fine-tuning reader accepts our directories as they are."""
-  checkpointing = pytest.importorskip('effnetv2_jax.training.checkpointing')
+  from effnetv2_jax.training import checkpointing
   flat_params, flat_stats, used_ema = checkpointing.read_pretrained(saved)
   assert not used_ema
   np.testing.assert_array_equal(
