@@ -3,6 +3,8 @@
 import glob
 import importlib.util
 import os
+import re
+import shlex
 
 import pytest
 from absl import flags
@@ -50,11 +52,60 @@ def test_every_config_file_is_covered():
       os.path.join(CONFIGS, '*.py'))) == sorted(CASES)
 
 
+MAIN = 'python -m effnetv2_jax.main'
+# The configs that are experiments; tiny.py is a smoke test with no result.
+EXPERIMENTS = sorted(set(CASES) - {'tiny.py'})
+
+
+def _launch_commands(doc):
+  """The `python -m effnetv2_jax.main` commands of a docstring, as argv."""
+  text = doc.replace('\\\n', ' ')  # join continued lines
+  return [shlex.split(line[line.index(MAIN) + len(MAIN):], comments=True)
+          for line in text.splitlines() if MAIN in line]
+
+
+def _expected_paragraph(doc):
+  """The docstring's paragraph that starts with 'Expected'."""
+  for paragraph in doc.split('\n\n'):
+    if paragraph.strip().startswith('Expected'):
+      return ' '.join(paragraph.split())
+  raise AssertionError('no paragraph starting with "Expected"')
+
+
 @pytest.mark.parametrize('name', sorted(CASES))
-def test_docstring_has_the_launch_command_and_the_expected_result(name):
-  doc = _load(name).__doc__
-  assert f'python -m effnetv2_jax.main --config=configs/{name}' in doc
-  assert 'xpected' in doc  # "Expected ..."
+def test_docstring_launch_commands_parse_into_valid_configs(name, tmp_path):
+  """Each command the docstring shows is accepted as written."""
+  commands = _launch_commands(_load(name).__doc__)
+  assert commands, f'{name}: no {MAIN} command in the docstring'
+  for argv in commands:
+    # main's flags: --workdir (required) and the config with its overrides.
+    assert all(arg.startswith(('--workdir=', '--config=', '--config.'))
+               for arg in argv), argv
+    assert sum(arg.startswith('--workdir=') for arg in argv) == 1, argv
+    config_args = [arg for arg in argv if arg.startswith('--config')]
+    assert config_args[0].startswith(f'--config=configs/{name}'), argv
+    config_args[0] = config_args[0].replace('configs/', CONFIGS + '/', 1)
+    config = _parse_command_line(['main'] + config_args)
+    if config.init_from.path and '://' not in config.init_from.path:
+      config.init_from.path = str(tmp_path)  # the docstring's is a stand-in
+    config_checks.validate(config, num_devices=8,
+                           reference=recipes.base_config())
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_docstring_states_an_expected_top1(name):
+  expected = _expected_paragraph(_load(name).__doc__)
+  assert re.search(r'\b\d\d\.\d\b', expected), expected  # a top-1 in %
+
+
+def test_imagenet_docstring_agrees_with_the_expected_top1_table():
+  """configs/imagenet.py and recipes.EXPECTED_TOP1 name the same figures."""
+  expected = _expected_paragraph(_load('imagenet.py').__doc__)
+  for variant, top1 in recipes.EXPECTED_TOP1.items():
+    if top1 is None:
+      assert f'{variant.upper()} has no ImageNet-1k' in expected
+    else:
+      assert f'{variant.upper()} {top1}' in expected, variant
 
 
 def _plan(config):
