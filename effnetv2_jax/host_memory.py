@@ -10,15 +10,13 @@ time per S 224 px step.
 Two remedies, the first found wins:
 1. **tcmalloc** (`libtcmalloc_minimal.so.4` or `libtcmalloc.so.4`; Debian and
    Ubuntu: `apt install libtcmalloc-minimal4`) keeps freed memory for the
-   next step: ~0 faults. System CPU time per train step (2 cores, batch 8),
-   glibc huge pages -> tcmalloc: S 224 px 0.8-1.2 s -> 31 ms, S 128 px 181
-   -> 18 ms, B0 224 px 154 -> 8 ms; wall time S 224 px 2197 -> 1552 ms, B0
-   224 px 607 -> 541 ms (one run each, `/proc` rusage around 12-15 steps).
+   next step: ~0 faults and no zeroing, so S 224 px train steps run 1.4x
+   faster than with huge pages alone (system CPU time per step tens of
+   milliseconds instead of about a second; benchmarks/README.md, "tcmalloc").
 2. **glibc huge pages**: the tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35)
    asks for 2 MiB pages, about 500 faults per B0 step, but the kernel still
-   zeroes every page each step. Against glibc's defaults: S 128 px 6.9-9.3
-   -> 12.1 img/s, B0 224 px 10.2-10.8 -> 12.8-13.4 (benchmarks/README.md,
-   change 7).
+   zeroes every page each step. Still 1.1-1.8x the train images/s of glibc's
+   defaults (benchmarks/README.md, "Host memory in huge pages").
 
 Both act only when a process starts (the dynamic loader reads `LD_PRELOAD`,
 glibc its tunables), so the command-line entry points (`effnetv2_jax.main`,
@@ -28,13 +26,13 @@ pages), `tcmalloc`, `hugepages` or `off`. An allocator the user already
 preloads is left alone. In a process that is already running (a notebook, a
 test session), start Python with `LD_PRELOAD=<path to tcmalloc>` instead.
 
-Rejected, measured: glibc's `M_MMAP_MAX=0` keeps the buffer only if the step
-runs on the main thread (JAX's synchronous CPU dispatch), which made
-inference up to 1.8x slower; one malloc arena for all threads
-(`glibc.malloc.arena_max=1`, with `mmap_max=0`) removed the faults but cost
-more user time than it saved (B0 224 px: 557 -> 821 ms); jemalloc 5.3 with
-its defaults returns buffers this large to the kernel at once (175,000
-faults per B0 step).
+Rejected (measurements in benchmarks/README.md): glibc's `M_MMAP_MAX=0` keeps
+the buffer only if the step runs on the main thread (JAX's synchronous CPU
+dispatch), which made inference up to 1.8x slower; one malloc arena for all
+threads (`glibc.malloc.arena_max=1`, with `mmap_max=0`) removed the faults
+but cost more user time than it saved (B0 224 px train steps 1.5x slower);
+jemalloc 5.3 with its defaults returns buffers this large to the kernel at
+once, so it faults as often as glibc.
 
 This module imports nothing beyond the standard library: it runs before JAX.
 """

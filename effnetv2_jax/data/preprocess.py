@@ -1,7 +1,7 @@
 """Per-example preprocessing: decode, crop, resize, augment, normalise.
 
 Follows google/automl `efficientnetv2/preprocessing.py` (S/M/L/XL and
-fine-tuning) and `preprocess_legacy.py` (B0-B3); facts §4.3-4.5.
+fine-tuning) and `preprocess_legacy.py` (B0-B3).
 
 Train, by `normalization` family and `augment`:
   * 'inception' / 'ft' families: Inception crop (`sample_distorted_bounding_box`

@@ -17,17 +17,18 @@ _YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
 # XLA:CPU (jaxlib 0.10) gives dots, reductions and convolutions to YNNPACK.
 # Its convolutions are the slow part of a CPU train step: the kernel gradient
 # of a dense 3x3 convolution (a convolution whose window is the whole image)
-# ran at 3-6 GMAC/s, the 3-channel stem at 1.4. XLA's own convolutions with
-# YNNPACK dots and reductions took the S train step at 128 px, batch 8, on 2
-# cores from 1029 to 710-874 ms; handing YNNPACK element-wise fusions as well
-# made it 30% slower again (benchmarks/README.md, change 5).
+# ran at 3-6 GMAC/s, the 3-channel stem at 1.4. So convolutions stay with XLA
+# and only dots and reductions go to YNNPACK (S train steps at 128 px 5-15%
+# faster than the defaults); YNNPACK element-wise fusions are left off, as
+# they made the step 30% slower (benchmarks/README.md, "XLA:CPU compiler
+# options").
 CPU_OPTIONS = {
     _YNN_FUSION_TYPES: 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE',
 }
 
-# XLA:GPU: cuBLAS rather than Triton for the GEMMs (the 1x1 convolutions):
-# the S train step at 300 px, batch 128, bf16 on an H100 went 61.5 -> 58.5 ms
-# (benchmarks/README.md, GPU table).
+# XLA:GPU: cuBLAS rather than Triton for the GEMMs (the 1x1 convolutions),
+# 5% faster S train steps at 300 px, batch 128, bf16 on an H100
+# (benchmarks/README.md, GPU findings).
 GPU_OPTIONS = {'xla_gpu_enable_triton_gemm': False}
 
 # The names `jax.default_backend()` gives a GPU.
