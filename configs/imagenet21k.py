@@ -9,7 +9,7 @@ accepted), preset 'paper' (default) or 'official'.
 
 The dataset is ImageNet-21k (fall 2011, 21,843 classes in the official
 code) prepared as a tfds directory; multi-hot labels are normalised to sum
-to 1 before the softmax loss (paper §5.1), and 100,000 train images are
+to 1 before the softmax loss (paper Sec. 5.2), and 100,000 train images are
 held out for evaluation.
 
   paper     the ImageNet-1k recipe (Table 6 progressive schedule, RMSProp,

@@ -8,7 +8,7 @@ flowers, cars; variant s (default), m, l; preset 'paper' (default) or
         --workdir=/tmp/effnetv2_s_cifar100 \
         --config.init_from.path=/path/to/imagenet_s_workdir
 
-Paper §4.5: 10,000 steps at batch 512, learning rate 0.001 with cosine
+Paper Sec. 5.3: 10,000 steps at batch 512, learning rate 0.001 with cosine
 decay, weight decay disabled, simple cutout augmentation, from the
 ImageNet-1k checkpoints (EMA weights; the head is re-initialised for the new
 classes), training and evaluating at the variant's eval size (S 384, M/L

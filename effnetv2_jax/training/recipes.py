@@ -2,7 +2,7 @@
 
 Experiment files under `configs/` start from `base_config()` and change what
 their experiment changes; the recipe tables live here, once, with their
-sources (effnetv2_facts.md §3.3, §4.1-4.6).
+sources (the paper's tables and google/automl's efficientnetv2 code).
 
 Every optional value is an ml_collections placeholder, so it can be set from
 the command line (`--config.data.data_dir=gs://...`) even when its default
@@ -19,7 +19,7 @@ from effnetv2_jax.models import arch as arch_lib
 PRESETS = ('paper', 'official')
 
 # Paper Table 6 (min = first stage, max = last stage). Only the S column is
-# confirmed by two independent sources; M and L are recalled (facts §3.3).
+# confirmed by two independent sources; M and L are not re-checked.
 # XL and B0-B3 have no column: XL reuses L's, the B models see below.
 PAPER_TABLE6 = {
     #      max size, RandAugment max, mixup max, dropout max
@@ -31,7 +31,7 @@ PAPER_TABLE6 = {
 PAPER_MIN = dict(image_size=128, randaug=5.0, mixup=0.0, dropout=0.1)
 
 # google/automl effnetv2_configs.py: RandAugment max magnitude and the
-# mixup = cutmix alpha of each variant (facts §1.3).
+# mixup = cutmix alpha of each variant.
 OFFICIAL_RANDAUG = {'s': 10.0, 'm': 15.0, 'l': 20.0, 'xl': 20.0}
 OFFICIAL_MIX = {'s': 0.0, 'm': 0.2, 'l': 0.5, 'xl': 0.5}
 
@@ -155,14 +155,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 def apply_finetune_recipe(c: ml_collections.ConfigDict, variant: str,
                           preset: str) -> ml_collections.ConfigDict:
-  """Fine-tuning from pretrained weights (facts §4.5), both presets.
+  """Fine-tuning from pretrained weights (paper Sec. 5.2-5.3), both presets.
 
   Shared: batch 512, learning rate 0.001 (0.0005 per 256), one warmup
   epoch, the 'ft' augmentation (whole-image resize, flip, noise cutout) and
   normalisation, EMA 0.9996, label smoothing 0.1, dropout 1e-6, stochastic
   depth 0.2, no progressive stages, training at the eval size, initialised
   from the pretrained EMA weights with the head re-initialised when the class
-  count differs. 'paper': cosine decay, no weight decay (§4.5 for transfer).
+  count differs. 'paper': cosine decay, no weight decay (the paper's transfer
+  setup, Sec. 5.3).
   'official': constant rate, L2 1e-5 (`ImagenetFt` in google/automl).
   """
   variant = arch_lib.normalize_variant_name(variant)
