@@ -45,6 +45,7 @@ def get_config(arg=None):
   c.model.arch = DIGITS_ARCH.to_dict()
   c.data.dataset = 'digits'
   c.data.augment = 'digits'
+  c.data.holdout = 0.1  # 144 train digits for stage-end evals
   c.train.epochs = 30.0
   c.train.batch_size = 64
   c.schedule.lr_per_256 = 0.064

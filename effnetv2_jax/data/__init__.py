@@ -10,6 +10,13 @@
                                          normalization='inception'):
       ...                 # + 'mask': [128], 0 on padding
 
+A validation set carved from train (`holdout`: a fraction or a count) for
+datasets without one; the train iterator then skips those examples:
+
+    train = data.make_train_iterator('digits', ..., holdout=0.1)
+    val = data.make_eval_iterator('digits', split=data.HOLDOUT_SPLIT,
+                                  holdout=0.1, ...)
+
 TensorFlow and tfds are imported when a pipeline is built, not here.
 See `sources` (datasets and splits), `preprocess` (crops, eval rule,
 normalisation), `randaugment` / `autoaugment` / `augment_ops` (policies),
@@ -26,10 +33,13 @@ from effnetv2_jax.data.sources import DATASET_NAMES
 from effnetv2_jax.data.sources import dataset_info
 from effnetv2_jax.data.sources import DatasetInfo
 from effnetv2_jax.data.sources import DatasetNotPreparedError
+from effnetv2_jax.data.sources import HOLDOUT_SPLIT
+from effnetv2_jax.data.sources import holdout_size
 from effnetv2_jax.data.sources import SkippedFilesWarning
 
 __all__ = [
     'DATASET_NAMES', 'DatasetInfo', 'DatasetNotPreparedError', 'EvalIterator',
-    'SkippedFilesWarning', 'TrainIterator', 'clear_cache', 'dataset_info',
-    'host_slice', 'make_eval_iterator', 'make_train_iterator',
+    'HOLDOUT_SPLIT', 'SkippedFilesWarning', 'TrainIterator', 'clear_cache',
+    'dataset_info', 'holdout_size', 'host_slice', 'make_eval_iterator',
+    'make_train_iterator',
 ]

@@ -312,7 +312,7 @@ def make_train_iterator(
     normalization: str = 'inception', sharding=None, start_batch: int = 0,
     process_index: int | None = None, process_count: int | None = None,
     shuffle_buffer: int | None = None, split: str | None = None,
-    num_threads: int | None = None) -> TrainIterator:
+    num_threads: int | None = None, holdout: float = 0) -> TrainIterator:
   """An endless, resumable iterator of augmented training batches.
 
   Args:
@@ -342,9 +342,16 @@ def make_train_iterator(
       in-memory sources always shuffle whole epochs.
     split: logical split to train on (default: the dataset's train split).
     num_threads: tf.data worker threads (default: all cores).
+    holdout: examples of the train split kept out of training (a fraction
+      or a count, see `sources.holdout_size`; 0: none); evaluate on them
+      with make_eval_iterator(split=sources.HOLDOUT_SPLIT, holdout=...).
 
   Returns:
     TrainIterator.
+
+  Raises:
+    ValueError: a bad argument, or a holdout that leaves fewer than
+      global_batch_size train examples.
   """
   configure_tensorflow()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -363,8 +370,14 @@ def make_train_iterator(
   process_index, process_count = _resolve_processes(
       sharding, process_index, process_count)
   local_batch = _local_batch_size(global_batch_size, process_count)
-  info = sources.dataset_info(name, data_dir)
-  source = sources.get_source(name, split or info.train_split, data_dir)
+  info = sources.dataset_info(name, data_dir, holdout)
+  source = sources.get_source(name, split or info.train_split, data_dir,
+                              holdout)
+  if holdout and source.num_examples < global_batch_size:
+    raise ValueError(f'holdout={holdout!r} (config.data.holdout) leaves '
+                     f'{source.num_examples} examples of {name}/'
+                     f'{source.split}, fewer than one global batch of '
+                     f'{global_batch_size}')
   if augment is None:
     augment = 'digits' if source.record_kind == sources.PIXELS else 'randaugment'
   if (augment == 'digits') != (source.record_kind == sources.PIXELS) and (
@@ -436,14 +449,14 @@ def make_eval_iterator(
     global_batch_size: int, image_size: int, normalization: str = 'inception',
     sharding=None, process_index: int | None = None,
     process_count: int | None = None,
-    num_threads: int | None = None) -> EvalIterator:
+    num_threads: int | None = None, holdout: float = 0) -> EvalIterator:
   """A re-iterable, padded evaluation pass over a split.
 
   Args:
     name: dataset name.
     data_dir: tfds data_dir.
     split: logical split (default: the dataset's eval split; e.g. 'minival'
-      for imagenet2012).
+      for imagenet2012, or sources.HOLDOUT_SPLIT with `holdout`).
     global_batch_size: examples per batch over all processes.
     image_size: eval resolution.
     normalization: 'inception', 'imagenet' or 'ft' (see `preprocess`).
@@ -451,6 +464,9 @@ def make_eval_iterator(
     process_index: this process (default jax.process_index()).
     process_count: number of processes (default jax.process_count()).
     num_threads: tf.data worker threads (default: all cores).
+    holdout: the holdout carved from the train split (see
+      make_train_iterator); it is split sources.HOLDOUT_SPLIT, and the train
+      split is what remains.
 
   Returns:
     EvalIterator.
@@ -463,8 +479,9 @@ def make_eval_iterator(
   process_index, process_count = _resolve_processes(
       sharding, process_index, process_count)
   local_batch = _local_batch_size(global_batch_size, process_count)
-  info = sources.dataset_info(name, data_dir)
-  source = sources.get_source(name, split or info.eval_split, data_dir)
+  info = sources.dataset_info(name, data_dir, holdout)
+  source = sources.get_source(name, split or info.eval_split, data_dir,
+                              holdout)
   start, stop = host_slice(source.num_examples, process_index, process_count)
   largest_slice = math.ceil(source.num_examples / process_count)
   num_batches = math.ceil(largest_slice / local_batch)

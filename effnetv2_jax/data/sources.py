@@ -23,20 +23,40 @@ Logical splits per name (the default train / eval split first):
     taken in the order of `numpy.random.RandomState(0).permutation(1797)`;
     ink 0..16 scaled to 0..255, grey repeated over 3 channels.
   * imagefolder:/root: train; val (see `ImageFolderSource`).
+  * any of them, given a holdout: holdout (carved from train, see below).
 
 The official TFRecord pipeline held out its first 20 train shards (25,021
 images); on TFDS the official code trained on `train[:98%]`, which is what
 we do, with the complementary 2% as minival.
+
+A holdout (`holdout=` here and in the pipeline, `config.data.holdout`) is a
+validation set carved from the train split of a dataset that has none, so
+that model selection never looks at the test set: `get_source(name,
+'holdout', holdout=h)` is the carved part and the train split, asked for
+with the same `h`, is the rest; the two are disjoint and together are the
+train split. `h` is 0 (none), a fraction in (0, 1) of the train split
+(rounded like tfds' percent slices, at least one example) or a whole number
+of examples. Which examples depends only on the dataset and `h`, never on
+the batch size, seed or process count:
+  * tfds sources: the last examples in storage order (tfds shuffles a
+    dataset when it prepares it, so its tail is a uniform sample, and it is
+    read as one range). ImageNet's minival is this rule at 2%.
+  * in-memory sources (digits, ImageFolder): the examples with the smallest
+    crc32 of a stable id (an image's path inside the folder, the index for
+    digits), as in the single-folder split rule: a file mostly stays on its
+    side when others are added.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import functools
 import logging
 import os
 import warnings
+import numbers
 import zlib
 from typing import Mapping, Sequence
 
@@ -47,6 +67,7 @@ ENCODED = 'encoded'  # an encoded image file (JPEG, PNG, ...), tf.string
 PATH = 'path'        # a path to an encoded image file, tf.string
 PIXELS = 'pixels'    # decoded uint8 pixels [h, w, 3] of a fixed shape
 
+HOLDOUT_SPLIT = 'holdout'  # the logical split carved by `holdout`
 IMAGENET_MINIVAL_FRACTION = 0.02
 IMAGENET21K_HOLDOUT = 100_000
 DIGITS_NUM_TRAIN = 1437
@@ -74,11 +95,14 @@ class DatasetInfo:
   Attributes:
     name: the name it was requested under.
     num_classes: size of the label vector.
-    num_train_examples: examples in `train_split` (all processes together).
+    num_train_examples: examples in `train_split` (all processes together),
+      less the holdout when there is one.
     num_eval_examples: examples in `eval_split`.
     train_split: logical split used for training.
     eval_split: logical split used for evaluation by default.
     multi_label: labels are multi-hot, normalised to sum to 1 (ImageNet-21k).
+    num_holdout_examples: examples carved from the train split as the
+      HOLDOUT_SPLIT (0: no holdout).
   """
 
   name: str
@@ -88,6 +112,7 @@ class DatasetInfo:
   train_split: str
   eval_split: str
   multi_label: bool = False
+  num_holdout_examples: int = 0
 
 
 class Source:
@@ -125,22 +150,61 @@ class Source:
     """Makes a later `read(start, stop)` cheap to start (optional)."""
     del start, stop
 
+  def split_off(self, count: int, rest_split: str,
+                held_split: str) -> tuple[Source, Source]:
+    """(the other examples, `count` held-out examples) as two sources.
+
+    Which examples are held out is a fixed property of the source (see the
+    module docstring); both keep storage order.
+    """
+    raise NotImplementedError
+
 
 class ArraySource(Source):
-  """A split held in memory: record and label arrays."""
+  """A split held in memory: record and label arrays.
+
+  `example_ids` are stable names of the examples (default: their indices),
+  whose hashes choose a holdout.
+  """
 
   random_access = True
 
-  def __init__(self, name, split, records, labels, num_classes, record_kind):
+  def __init__(self, name, split, records, labels, num_classes, record_kind,
+               example_ids=None):
     self.name, self.split = name, split
     self.records, self.labels = records, labels
     self.num_examples = len(labels)
     self.num_classes = num_classes
     self.record_kind = record_kind
+    self.example_ids = (np.arange(self.num_examples).astype(str)
+                        if example_ids is None else np.asarray(example_ids))
 
   def read(self, start, stop):
     return {'record': self.records[start:stop],
             'label': self.labels[start:stop]}
+
+  @functools.cached_property
+  def _holdout_order(self) -> np.ndarray:
+    """Indices by crc32 of their id, ties by index: a holdout is a head."""
+    hashes = np.fromiter((zlib.crc32(str(i).encode('utf-8'))
+                          for i in self.example_ids), np.uint32,
+                         count=self.num_examples)
+    return np.argsort(hashes, kind='stable')
+
+  def split_off(self, count, rest_split, held_split):
+    held = np.zeros(self.num_examples, bool)
+    held[self._holdout_order[:count]] = True
+    return (self._subset(np.flatnonzero(~held), rest_split),
+            self._subset(np.flatnonzero(held), held_split))
+
+  def _subset(self, indices: np.ndarray, split: str) -> ArraySource:
+    subset = copy.copy(self)
+    subset.__dict__.pop('_holdout_order', None)
+    subset.split = split
+    subset.records, subset.labels = self.records[indices], self.labels[indices]
+    subset.example_ids = self.example_ids[indices]
+    subset.num_examples = len(indices)
+    return subset
 
 
 # ----------------------------------------------------------------- digits --
@@ -282,7 +346,9 @@ class ImageFolderSource(ArraySource):
     paths, labels = _drop_bad_files(candidates, class_names, split_root)
     super().__init__(name, split, np.array(paths, dtype=object),
                      np.array(labels, dtype=np.int64),
-                     num_classes=len(class_names), record_kind=PATH)
+                     num_classes=len(class_names), record_kind=PATH,
+                     example_ids=np.array([os.path.relpath(p, split_root)
+                                           for p in paths], dtype=object))
     self.class_names = tuple(class_names)
 
 
@@ -358,15 +424,19 @@ class TfdsSource(Source):
 
   def split_parts(self, start: int, stop: int) -> list[tuple[str, int]]:
     """tfds split expressions (with their sizes) for examples [start, stop)."""
-    parts, offset = [], 0
-    for tfds_split, seg_start, seg_stop in self.segments:
-      size = seg_stop - seg_start
-      lo, hi = max(start - offset, 0), min(stop - offset, size)
-      if lo < hi:
-        parts.append((f'{tfds_split}[{seg_start + lo}:{seg_start + hi}]',
-                      hi - lo))
-      offset += size
-    return parts
+    return [(f'{tfds_split}[{lo}:{hi}]', hi - lo)
+            for tfds_split, lo, hi in _cut_segments(self.segments, start, stop)]
+
+  def split_off(self, count, rest_split, held_split):
+    keep = self.num_examples - count
+    return (self._with_segments(rest_split,
+                                _cut_segments(self.segments, 0, keep)),
+            self._with_segments(held_split, _cut_segments(
+                self.segments, keep, self.num_examples)))
+
+  def _with_segments(self, split: str, segments) -> TfdsSource:
+    return TfdsSource(self.name, split, self.builder, segments,
+                      self.label_key, self.num_classes, self.multi_label)
 
   def dataset(self, start, stop):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -417,6 +487,19 @@ class TfdsSource(Source):
     else:
       ds = ds.batch(stop - start)
     return ds
+
+
+def _cut_segments(segments, start: int, stop: int):
+  """The (tfds_split, start, stop) segments of examples [start, stop) of the
+  logical split made of `segments`."""
+  cut, offset = [], 0
+  for tfds_split, seg_start, seg_stop in segments:
+    size = seg_stop - seg_start
+    lo, hi = max(start - offset, 0), min(stop - offset, size)
+    if lo < hi:
+      cut.append((tfds_split, seg_start + lo, seg_start + hi))
+    offset += size
+  return cut
 
 
 def _tfds_builder(tfds_name: str, data_dir: str | None, name: str):
@@ -476,22 +559,28 @@ _TFDS_SPECS = {
 }
 
 
+def _fraction_size(num_examples: int, fraction: float) -> int:
+  # Same boundary as tfds' 'train[:98%]' for fraction 0.02 (rounded to the
+  # closest example).
+  return num_examples - int(round(num_examples * (1 - fraction)))
+
+
 def _imagenet_minival_size(num_train: int) -> int:
-  # Same boundary as tfds' 'train[:98%]' (rounded to the closest example);
-  # at least one example so tiny stand-ins (mock data) keep a minival.
-  keep = int(round(num_train * (1 - IMAGENET_MINIVAL_FRACTION)))
-  return max(num_train - keep, 1 if num_train > 1 else 0)
+  # At least one example so tiny stand-ins (mock data) keep a minival.
+  return max(_fraction_size(num_train, IMAGENET_MINIVAL_FRACTION),
+             1 if num_train > 1 else 0)
 
 
 def _logical_segments(name: str, sizes: Mapping[str, int]):
   """Logical split name -> tfds (split, start, stop) segments."""
   whole = {s: [(s, 0, n)] for s, n in sizes.items()}
   if name.startswith('imagenet2012'):
+    # minival is the holdout rule of tfds sources (the tail) at 2%.
     n = sizes['train']
-    held = _imagenet_minival_size(n)
-    minival = [('train', n - held, n)]
-    train = whole['train'] if name.endswith('trainval') else [
-        ('train', 0, n - held)]
+    keep = n - _imagenet_minival_size(n)
+    minival = _cut_segments(whole['train'], keep, n)
+    train = whole['train'] if name.endswith('trainval') else _cut_segments(
+        whole['train'], 0, keep)
     return {'train': train, 'minival': minival,
             'validation': whole['validation']}
   if name == 'oxford_flowers102':
@@ -606,17 +695,106 @@ def default_splits(name: str, data_dir: str | None = None) -> tuple[str, str]:
   return 'train', 'val'
 
 
-_image_folder_cache: dict[tuple[str, str], ImageFolderSource] = {}
+# ---------------------------------------------------------------- holdout --
 
 
-def get_source(name: str, split: str, data_dir: str | None = None) -> Source:
+def holdout_problem(holdout) -> str | None:
+  """Why `holdout` is not a valid holdout value, or None if it is."""
+  valid = ('must be 0 (none), a fraction in (0, 1) of the train split or a '
+           'whole number >= 1 of its examples')
+  if isinstance(holdout, bool) or not isinstance(holdout, numbers.Real):
+    return valid
+  holdout = float(holdout)
+  if holdout == 0 or 0 < holdout < 1 or (holdout >= 1 and holdout.is_integer()):
+    return None
+  return valid
+
+
+def _check_holdout(holdout) -> None:
+  problem = holdout_problem(holdout)
+  if problem:
+    raise ValueError(f'holdout={holdout!r} (config.data.holdout) {problem}')
+
+
+def holdout_size(num_train: int, holdout) -> int:
+  """Examples that `holdout` carves from a train split of `num_train`.
+
+  Args:
+    num_train: examples in the train split.
+    holdout: 0, a fraction in (0, 1) (rounded like tfds' percent slices, at
+      least one example) or a count (an int, or a float with no fraction:
+      command-line values arrive as floats).
+
+  Returns:
+    The number of held-out examples, 0 <= n < num_train.
+
+  Raises:
+    ValueError: an invalid value, or one that leaves no train example; the
+      message names config.data.holdout.
+  """
+  _check_holdout(holdout)
+  if holdout == 0:
+    return 0
+  if holdout < 1:
+    count = max(_fraction_size(num_train, holdout), 1)
+  else:
+    count = int(holdout)
+  if count >= num_train:
+    raise ValueError(f'holdout={holdout!r} (config.data.holdout) is {count} '
+                     f'examples, which leaves none of the {num_train} of the '
+                     'train split to train on')
+  return count
+
+
+_image_folder_cache: dict[tuple, Source] = {}
+
+
+def get_source(name: str, split: str, data_dir: str | None = None,
+               holdout=0) -> Source:
   """The `Source` of one logical split of a named dataset.
+
+  With a holdout (see the module docstring), split HOLDOUT_SPLIT is the part
+  carved from the train split, and the train split is what remains; other
+  splits are unchanged.
 
   ImageFolder scans are cached per (root, split) for the life of the process
   (each progressive stage rebuilds its pipeline; the folder is scanned once);
   `clear_cache()` forgets them.
+
+  Raises:
+    ValueError: an unknown name or split, an invalid holdout, or split
+      HOLDOUT_SPLIT without a holdout.
   """
   _check_name(name)
+  _check_holdout(holdout)
+  if split == HOLDOUT_SPLIT and not holdout:
+    raise ValueError(f'split {HOLDOUT_SPLIT!r} needs a holdout > 0 '
+                     f'(config.data.holdout), got {holdout!r}')
+  if holdout:
+    train_split = default_splits(name, data_dir)[0]
+    if split in (train_split, HOLDOUT_SPLIT):
+      return _carve(name, train_split, data_dir, holdout)[
+          split == HOLDOUT_SPLIT]
+  return _split_source(name, split, data_dir)
+
+
+def _carve(name, train_split, data_dir, holdout) -> tuple[Source, Source]:
+  """(train minus holdout, holdout); cached like the folder scans."""
+  key = None
+  if name.startswith('imagefolder:'):
+    key = (os.path.abspath(os.path.expanduser(name[len('imagefolder:'):])),
+           train_split, HOLDOUT_SPLIT, float(holdout))
+    if key in _image_folder_cache:
+      return _image_folder_cache[key]
+  train = _split_source(name, train_split, data_dir)
+  carved = train.split_off(holdout_size(train.num_examples, holdout),
+                           train_split, HOLDOUT_SPLIT)
+  if key is not None:
+    _image_folder_cache[key] = carved
+  return carved
+
+
+def _split_source(name: str, split: str, data_dir: str | None) -> Source:
   if name == 'digits':
     return _digits_source(split)
   if name.startswith('imagefolder:'):
@@ -637,27 +815,35 @@ def clear_cache() -> None:
   _image_folder_cache.clear()
 
 
-def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+def dataset_info(name: str, data_dir: str | None = None,
+                 holdout=0) -> DatasetInfo:
   """Sizes, classes and default splits of a named dataset.
 
   Args:
     name: one of DATASET_NAMES ('imagefolder:/path/to/root' for a folder).
     data_dir: tfds data_dir (or the ImageNet-21k directory); None for the
       tfds default.
+    holdout: 0, or the holdout carved from the train split (a fraction or a
+      count, see `holdout_size`); num_train_examples is then what remains.
 
   Returns:
     DatasetInfo.
 
   Raises:
-    ValueError: unknown name.
+    ValueError: unknown name, or an invalid holdout.
     DatasetNotPreparedError: the files are not there; the message says how to
       prepare them.
   """
+  _check_holdout(holdout)
   train_split, eval_split = default_splits(name, data_dir)
-  train = get_source(name, train_split, data_dir)
-  evaluation = get_source(name, eval_split, data_dir)
+  if holdout:
+    train, held = _carve(name, train_split, data_dir, holdout)
+  else:
+    train, held = _split_source(name, train_split, data_dir), None
+  evaluation = _split_source(name, eval_split, data_dir)
   return DatasetInfo(name=name, num_classes=train.num_classes,
                      num_train_examples=train.num_examples,
                      num_eval_examples=evaluation.num_examples,
                      train_split=train_split, eval_split=eval_split,
-                     multi_label=train.multi_label)
+                     multi_label=train.multi_label,
+                     num_holdout_examples=held.num_examples if held else 0)

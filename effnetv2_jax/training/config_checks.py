@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any, Iterable, Mapping
 
+from effnetv2_jax.data import sources
 from effnetv2_jax.models import arch as arch_lib
 from effnetv2_jax.models.layers import CONV_IMPLS
 from effnetv2_jax.training import progressive, schedules
@@ -180,6 +181,10 @@ def validate(config, *, num_devices: int, data_axis_size: int | None = None,
   _pair(config, 'progressive.mixup_alpha', 0.0, 100.0)
   _pair(config, 'progressive.cutmix_alpha', 0.0, 100.0)
   _pair(config, 'progressive.dropout_rate', 0.0, 1.0, upper_open=True)
+
+  holdout_problem = sources.holdout_problem(config.data.holdout)
+  _require(holdout_problem is None, 'data.holdout', config.data.holdout,
+           holdout_problem)
 
   e = config.eval
   _require(e.batch_size > 0 and e.batch_size % data_axis_size == 0,

@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dataset = 'imagenet2012'
   c.data.data_dir = config_dict.placeholder(str)
   c.data.eval_split = config_dict.placeholder(str)
+  # Validation examples carved from train for datasets without a validation
+  # split: 0 none, a fraction in (0, 1), or a count (e.g. 5000). Stage-end
+  # evals use them; the final eval uses eval_split (data/sources.py).
+  c.data.holdout = 0.0
   c.data.augment = 'randaugment'
   c.data.randaug_layers = 2
   c.data.normalization = ''  # '': the architecture's ('inception'/'imagenet')
