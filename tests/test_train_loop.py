@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from effnetv2_jax.training import checkpointing
+from effnetv2_jax.training import compilation
 from effnetv2_jax.training import config_checks
 from effnetv2_jax.training import progressive
 from effnetv2_jax.training import trainer
@@ -84,7 +85,7 @@ def test_unknown_config_key_is_named(tmp_path):
 # ---------------------------------------------------------------- end to end --
 
 
-class _RecordingPlanner:
+class _RecordingPlanner(progressive.StagePlanner):
   """The linear plan, but stage 2's dropout is set from stage 1's outputs.
 
   Stands in for the adaptive controller: it must see the finished stages'
@@ -94,8 +95,12 @@ class _RecordingPlanner:
   def __init__(self, plan):
     self._linear = progressive.LinearStagePlanner(plan)
     self.total_steps = self._linear.total_steps
+    self.total_epochs = self._linear.total_epochs
     self.num_stages = self._linear.num_stages
     self.seen = []
+
+  def expected_stages(self, history):
+    return self._linear.expected_stages(history)
 
   def next_stage(self, history):
     self.seen.append([dict(h.train_metrics) for h in history])
@@ -368,9 +373,9 @@ def test_fine_tuning_starts_from_a_training_workdir(tmp_path, cache_dir,
 
 
 def test_compile_beside_training_only_off_gpu():
-  assert trainer.compile_beside_training('cpu')
-  assert trainer.compile_beside_training('tpu')
-  assert not trainer.compile_beside_training('gpu')
+  assert compilation.compile_beside_training('cpu')
+  assert compilation.compile_beside_training('tpu')
+  assert not compilation.compile_beside_training('gpu')
 
 
 @pytest.mark.parametrize('beside', [True, False])
@@ -380,7 +385,7 @@ def test_later_stages_compile_before_stepping_where_not_beside(
   step is compiled when the first stage starts stepping; elsewhere the loop
   does not wait for them."""
   waits = []
-  original = trainer.Compiler.wait_all
+  original = compilation.Compiler.wait_all
 
   def recording_wait_all(self):
     seconds = original(self)
@@ -389,9 +394,10 @@ def test_later_stages_compile_before_stepping_where_not_beside(
     return seconds
 
   config = _tiny_config(compilation_cache_dir=cache_dir)
-  with mock.patch.object(trainer, 'compile_beside_training',
+  with mock.patch.object(compilation, 'compile_beside_training',
                          return_value=beside), \
-       mock.patch.object(trainer.Compiler, 'wait_all', recording_wait_all):
+       mock.patch.object(compilation.Compiler, 'wait_all',
+                         recording_wait_all):
     _, summary = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert summary['status'] == 'completed'
   sizes = [s['settings']['image_size'] for s in summary['stages']]
@@ -408,7 +414,7 @@ def test_later_stages_compile_before_stepping_where_not_beside(
 
 
 def test_compilation_cache_dir_defaults_to_the_local_workdir():
-  default = trainer.compilation_cache_dir
+  default = compilation.compilation_cache_dir
   assert default(None, '/runs/a') == '/runs/a/compilation_cache'
   assert default(None, 'gs://bucket/run') is None
   assert default(None, '/runs/a', active='/shared/cache') == '/shared/cache'
@@ -417,19 +423,24 @@ def test_compilation_cache_dir_defaults_to_the_local_workdir():
 
 
 def test_a_run_fills_its_workdir_cache_and_empty_turns_it_off(tmp_path):
-  trainer.enable_compilation_cache(None)  # whatever earlier tests left on
+  before = jax.config.jax_compilation_cache_dir
+  trainer.train_and_evaluate(_tiny_config(), str(tmp_path / 'a'))
+  cache = tmp_path / 'a' / 'compilation_cache'
+  assert len(os.listdir(cache)) >= 3  # gradient, update and eval steps
+  # The run put the process's own setting back.
+  assert jax.config.jax_compilation_cache_dir == before
+  trainer.train_and_evaluate(_tiny_config(compilation_cache_dir=''),
+                             str(tmp_path / 'b'))
+  assert not (tmp_path / 'b' / 'compilation_cache').exists()
+
+
+def test_a_cache_the_user_set_is_used_and_kept(tmp_path):
+  mine = str(tmp_path / 'mine')
+  jax.config.update('jax_compilation_cache_dir', mine)
   try:
-    trainer.train_and_evaluate(_tiny_config(), str(tmp_path / 'a'))
-    cache = tmp_path / 'a' / 'compilation_cache'
-    assert jax.config.jax_compilation_cache_dir == str(cache)
-    assert len(os.listdir(cache)) >= 3  # gradient, update and eval steps
-    # The next run's default is its own workdir, not the cache run 'a' set.
-    trainer.train_and_evaluate(_tiny_config(), str(tmp_path / 'c'))
-    assert jax.config.jax_compilation_cache_dir == str(
-        tmp_path / 'c' / 'compilation_cache')
-    trainer.train_and_evaluate(_tiny_config(compilation_cache_dir=''),
-                               str(tmp_path / 'b'))
-    assert jax.config.jax_compilation_cache_dir is None
-    assert not (tmp_path / 'b' / 'compilation_cache').exists()
+    trainer.train_and_evaluate(_tiny_config(), str(tmp_path / 'run'))
+    assert jax.config.jax_compilation_cache_dir == mine
+    assert len(os.listdir(mine)) >= 3
+    assert not (tmp_path / 'run' / 'compilation_cache').exists()
   finally:
-    trainer.enable_compilation_cache(None)
+    jax.config.update('jax_compilation_cache_dir', None)

@@ -15,10 +15,8 @@ import pytest
 from effnetv2_jax.models import arch as arch_lib
 from effnetv2_jax.training import mesh as mesh_lib
 from effnetv2_jax.training import optimizer
-from effnetv2_jax.training import schedules
 from effnetv2_jax.training import state as state_lib
-from effnetv2_jax.training import steps
-from effnetv2_jax.training import trainer
+from effnetv2_jax.training import task as task_lib
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8,
                                 reason='needs 8 (fake) devices')
@@ -39,42 +37,39 @@ def _batch(seed=0):
               rng.integers(0, CLASSES, BATCH)]}
 
 
-@functools.lru_cache(maxsize=None)
-def _setup():
-  spec = state_lib.ModelSpec(ARCH, CLASSES, drop_path_rate=0.2)
-  make_opt = functools.partial(optimizer.build, weight_decay=1e-4)
+def _task(devices: int, *, bn_groups=1, fsdp_min_size=0, dtype=jnp.float32):
   # No EMA copy: it is elementwise (sharding cannot change it) and would
   # only lengthen every compile here.
-  init_fn = state_lib.make_init_fn(spec, make_opt(0.0), seed=0, use_ema=False)
+  return task_lib.TrainTask(
+      state_lib.ModelSpec(ARCH, CLASSES, drop_path_rate=0.2, dtype=dtype),
+      mesh=mesh_lib.make_mesh(devices=jax.devices()[:devices]),
+      make_optimizer=functools.partial(optimizer.build, weight_decay=1e-4),
+      schedule=SCHEDULE, total_epochs=1.0, num_train_examples=1000,
+      ema_decay=0.0, drop_path_rate=0.2, bn_groups=bn_groups,
+      fsdp_min_size=fsdp_min_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _initial():
   # One initial state for every mesh (initialising per mesh would only
   # recompile the same initialiser).
   with jax.threefry_partitionable(False):
-    initial = jax.device_get(jax.jit(init_fn)())
-  return spec.graphdef(), make_opt, init_fn, initial
+    return jax.device_get(jax.jit(_task(1).init)())
 
 
 @functools.lru_cache(maxsize=None)
 def _train(devices: int, *, bn_groups=1, fsdp_min_size=0):
   """One train step on a mesh of `devices`: (live state, host state, metrics)."""
-  graphdef, make_opt, init_fn, initial = _setup()
-  mesh = mesh_lib.make_mesh(devices=jax.devices()[:devices])
-  shardings = mesh_lib.state_shardings(jax.eval_shape(init_fn), mesh,
-                                       fsdp_min_size=fsdp_min_size)
-  state = jax.device_put(initial, shardings)
-  step = steps.make_train_step(
-      graphdef, make_opt,
-      lr_fn=schedules.learning_rate_fn(SCHEDULE, total_epochs=1.0),
-      drop_path_rate=0.2, bn_groups=bn_groups, ema_decay=0.99)
-  batch_sharding = mesh_lib.data_sharding(mesh)
-  repl = mesh_lib.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, repl),
-                   out_shardings=(shardings, repl), donate_argnums=(0,))
-  hparams = dict(schedules.stage_hparams(
-      SCHEDULE, batch_size=BATCH, start_step=0, start_epoch=0.0,
-      num_train_examples=1000), dropout_rate=0.1)
-  hparams = jax.device_put({k: np.float32(v) for k, v in hparams.items()},
-                           repl)
-  state, metrics = jitted(state, jax.device_put(_batch(), batch_sharding),
+  task = _task(devices, bn_groups=bn_groups, fsdp_min_size=fsdp_min_size)
+  state = jax.device_put(_initial(), task.shardings)
+  jitted = jax.jit(task.train_step,
+                   in_shardings=(task.shardings, task.batch_sharding,
+                                 task.replicated),
+                   out_shardings=(task.shardings, task.replicated),
+                   donate_argnums=(0,))
+  hparams = task.hparams(batch_size=BATCH, start_step=0, start_epoch=0.0,
+                         dropout_rate=0.1)
+  state, metrics = jitted(state, jax.device_put(_batch(), task.batch_sharding),
                           hparams)
   return state, jax.device_get(state), jax.device_get(metrics)
 
@@ -96,7 +91,7 @@ def test_sharded_step_equals_single_device_step():
                                                  rel=1e-5)
   # The step moved the weights and the batch statistics (the comparison is
   # not between two untouched initialisations).
-  initial = _setup()[3]
+  initial = _initial()
   for name in ('params', 'batch_stats'):
     moved = max(np.abs(a - b).max() for a, b in zip(
         jax.tree.leaves(getattr(initial, name)),
@@ -132,9 +127,9 @@ def test_batchnorm_moments_match_numpy(replicas_per_group):
   groups of 2 replicas, i.e. 4 groups of 4 consecutive examples; the running
   statistics take the mean over groups of the group moments.
   """
-  groups = trainer.bn_group_count(replicas_per_group, 8)
+  groups = task_lib.bn_group_count(replicas_per_group, 8)
   assert groups == (1 if replicas_per_group == 0 else 4)
-  kernel = _setup()[3].params['stem']['conv']['kernel']
+  kernel = _initial().params['stem']['conv']['kernel']
   _, after, _ = _train(8, bn_groups=groups) if groups > 1 else _train(8)
 
   conv = _stem_conv_numpy(_batch(0)['image'], kernel)
@@ -154,10 +149,9 @@ def test_batchnorm_moments_match_numpy(replicas_per_group):
 
 def test_bfloat16_compute_keeps_float32_gradients_and_statistics():
   """The TPU/GPU setting: bf16 activations, float32 weights and statistics."""
-  spec = state_lib.ModelSpec(ARCH, CLASSES, dtype=jnp.bfloat16)
-  step = steps.make_gradient_step(spec.graphdef(), drop_path_rate=0.2)
-  grads, stats, metrics = jax.device_get(jax.jit(step)(
-      _setup()[3], _batch(), {'dropout_rate': np.float32(0.1)}))
+  task = _task(1, dtype=jnp.bfloat16)
+  grads, stats, metrics = jax.device_get(jax.jit(task.gradient_step)(
+      _initial(), _batch(), {'dropout_rate': np.float32(0.1)}))
   for leaf in jax.tree.leaves((grads, stats)):
     assert leaf.dtype == np.float32 and np.isfinite(leaf).all()
   # The float32 run of the same first step (same weights, batch and masks):
@@ -166,6 +160,8 @@ def test_bfloat16_compute_keeps_float32_gradients_and_statistics():
   assert metrics['loss'] == pytest.approx(reference_metrics['loss'],
                                           rel=2e-2)
   assert metrics['loss'] != reference_metrics['loss']
-  for a, b in zip(jax.tree.leaves(stats),
+  model_stats, extra_stats = stats
+  assert extra_stats == {}
+  for a, b in zip(jax.tree.leaves(model_stats),
                   jax.tree.leaves(reference.batch_stats)):
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)

@@ -223,3 +223,147 @@ def load_pretrained(path: str, params, batch_stats, *, prefer_ema: bool = True
       unused=unused_p + ['batch_stats/' + k for k in unused_s])
   log.info('%s', report.describe())
   return new_params, new_stats, report
+
+
+# ----------------------------------------------------------------------------
+# What a training checkpoint's JSON item holds, and the run's checkpointer.
+
+
+@dataclasses.dataclass
+class ResumePoint:
+  """Where a checkpoint left the run.
+
+  `stage` is the stage being trained when the checkpoint was written
+  mid-stage (None between stages); `stage_batches` how many of its batches
+  were consumed (the input pipeline restarts there), `stage_elapsed_s` its
+  wall time so far and `stage_sums` its train-metric sums so far (so the
+  stage's means cover every step). `planner` is the planner's own state.
+  """
+
+  step: int
+  history: list
+  model: dict | None = None
+  stage: Any = None
+  stage_batches: int = 0
+  stage_elapsed_s: float = 0.0
+  stage_sums: dict = dataclasses.field(default_factory=dict)
+  planner: dict = dataclasses.field(default_factory=dict)
+
+  def to_meta(self) -> dict:
+    return {'step': int(self.step),
+            'history': [h.to_dict() for h in self.history],
+            'model': self.model,
+            'stage': self.stage.to_dict() if self.stage else None,
+            'stage_batches': int(self.stage_batches),
+            'stage_elapsed_s': float(self.stage_elapsed_s),
+            'stage_sums': dict(self.stage_sums),
+            'planner': dict(self.planner)}
+
+  @classmethod
+  def from_meta(cls, meta: Mapping[str, Any]) -> 'ResumePoint':
+    from effnetv2_jax.training import progressive  # pylint: disable=g-import-not-at-top
+    stage = meta.get('stage')
+    return cls(
+        step=int(meta['step']),
+        history=[progressive.StageResult.from_dict(h)
+                 for h in meta.get('history', [])],
+        model=meta.get('model'),
+        stage=progressive.StageSettings.from_dict(stage) if stage else None,
+        stage_batches=int(meta.get('stage_batches', 0)),
+        stage_elapsed_s=float(meta.get('stage_elapsed_s', 0.0)),
+        stage_sums=dict(meta.get('stage_sums') or {}),
+        planner=dict(meta.get('planner') or {}))
+
+
+def check_same_model(resume: ResumePoint, model: Mapping[str, Any],
+                     directory: str) -> None:
+  """A workdir's checkpoint of another network is a one-line error."""
+  if resume.model is not None and dict(resume.model) != dict(model):
+    from effnetv2_jax.training.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(
+        f'config.model.arch: the checkpoints in {directory} are of another '
+        f'network ({resume.model.get("name", resume.model)!s}, this config '
+        f'builds {model.get("name", model)!s}); use a new --workdir or the '
+        'same model settings')
+
+
+class NoCheckpoints:
+  """The checkpointer of a run with checkpoints switched off."""
+
+  directory = None
+
+  def latest_step(self) -> None:
+    return None
+
+  def save(self, step, state, meta) -> None:
+    del step, state, meta
+
+  def wait(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def to_host(tree):
+  """numpy copy of a state subtree, also when it is sharded over hosts."""
+  if all(x.is_fully_addressable or x.is_fully_replicated
+         for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def init_from_pretrained(state, path: str, *, prefer_ema: bool, shardings):
+  """The state with the model's weights (and EMA copy) from `path`."""
+  host_params, host_stats = to_host((state.params, state.batch_stats))
+  params, batch_stats, report = load_pretrained(
+      path, host_params, host_stats, prefer_ema=prefer_ema)
+  # Each device_put from host memory makes new buffers: the EMA copy must
+  # not alias the weights, since the train step donates both.
+  replace = dict(params=jax.device_put(params, shardings.params),
+                 batch_stats=jax.device_put(batch_stats,
+                                            shardings.batch_stats))
+  if state.ema_params is not None:
+    copy = lambda tree: jax.tree.map(np.array, tree)  # CPU may share memory
+    replace.update(
+        ema_params=jax.device_put(copy(params), shardings.ema_params),
+        ema_batch_stats=jax.device_put(copy(batch_stats),
+                                       shardings.ema_batch_stats))
+  return state.replace(**replace), report
+
+
+def export_model(state, workdir: str, *, model, normalization: str,
+                 experiment: str, bn_epsilon: float) -> str | None:
+  """Writes workdir/model (EMA weights when there are) for inference.
+
+  `model` is the run's `state.ModelSpec`; only EfficientNetV2 descriptions
+  have a model-directory format today, so other families keep their
+  weights in the checkpoint.
+  """
+  from effnetv2_jax.models import arch as arch_lib  # pylint: disable=g-import-not-at-top
+  from effnetv2_jax.models import weights  # pylint: disable=g-import-not-at-top
+  if not isinstance(model.description, arch_lib.Architecture):
+    log.info('not exporting a model directory for a %s network; the '
+             'checkpoint holds the weights', model.family.name)
+    return None
+  use_ema = state.ema_params is not None
+  params, batch_stats = to_host(
+      (state.ema_params, state.ema_batch_stats) if use_ema
+      else (state.params, state.batch_stats))
+  if jax.process_index() != 0:
+    return None
+  if '://' in workdir:
+    log.info('not exporting a model directory to %s (local paths only); '
+             'the checkpoint holds the weights', workdir)
+    return None
+  directory = os.path.join(workdir, 'model')
+  weights.save_variables(
+      directory, architecture=model.description,
+      num_classes=model.num_classes, params=params, batch_stats=batch_stats,
+      source=(f'effnetv2_jax training: {experiment}, step '
+              f'{int(jax.device_get(state.step))}, '
+              f'{"EMA" if use_ema else "raw"} weights'),
+      normalization=normalization, bn_epsilon=bn_epsilon,
+      overwrite=True)
+  return directory

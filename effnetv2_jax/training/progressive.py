@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+from typing import Any, Mapping, Sequence
 
 SIZE_RULES = ('linear', 'official')
 BATCH_RULES = ('constant', 'constant_memory')
@@ -71,20 +73,34 @@ class StageSettings:
 
 @dataclasses.dataclass(frozen=True)
 class StageResult:
-  """What a finished stage produced; the planner's input for the next one."""
+  """A finished stage: the planner's input for the next one, and the record
+  the checkpoint keeps and the summary lists.
+
+  `train_metrics` are means over every step of the stage (a resumed stage
+  included). `eval_metrics` come from the stage-end evaluation on
+  `eval_split`: the holdout carved from train when the run has one (so a
+  planner never selects on the test set), else the eval split; {} if none
+  ran.
+  """
 
   settings: StageSettings
-  train_metrics: Mapping[str, float]  # averages over the last log interval
-  eval_metrics: Mapping[str, float]  # at the stage end ({} if none ran)
+  train_metrics: Mapping[str, float]
+  eval_metrics: Mapping[str, float]
   wall_time_s: float = 0.0
-  compile_time_s: float = 0.0
+  compile_time_s: float = 0.0  # the stage's gradient program
   images_per_sec: float = 0.0
+  eval_split: str = ''
+  step_time_s: float = 0.0  # stepping only: no compile, eval, checkpoints
+  compile_wait_s: float = 0.0
+  compile_cache_hit: bool = False
+  update_compile_time_s: float = 0.0
+  memory: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d['settings'] = self.settings.to_dict()
-    d['train_metrics'] = dict(self.train_metrics)
-    d['eval_metrics'] = dict(self.eval_metrics)
+    for key in ('train_metrics', 'eval_metrics', 'memory'):
+      d[key] = dict(getattr(self, key))
     return d
 
   @classmethod
@@ -94,20 +110,47 @@ class StageResult:
     return cls(**d)
 
 
-class StagePlanner(Protocol):
-  """What the training loop asks for stages.
+class StagePlanner:
+  """What the training loop asks for stages; subclass it for a new policy.
 
-  `total_steps` is used for progress and ETA; `next_stage` must return a
-  stage starting where the last one ended (`history[-1].settings.end_step`,
-  or 0) and ending at or before `total_steps`, or None when training is done.
+  The loop calls `next_stage(history)` before each stage. Everything else
+  the run needs to know about the future also comes from the planner, never
+  from the config's linear plan: `total_steps` and `total_epochs` (the
+  learning-rate schedule's period), `expected_stages` (the shapes to compile
+  ahead, the ETA, the eval-size check). A planner that keeps state of its
+  own returns it from `state_dict` (JSON) and takes it back in
+  `load_state_dict`; the checkpoint stores it, so a resumed run replays the
+  same decisions.
   """
 
   total_steps: int
+  total_epochs: float
   num_stages: int
 
   def next_stage(self, history: Sequence[StageResult]
                  ) -> StageSettings | None:
-    ...
+    """The stage after `history` (starting at its last stage's end_step, or
+    0, and ending by total_steps), or None when training is done."""
+    raise NotImplementedError
+
+  def expected_stages(self, history: Sequence[StageResult]
+                      ) -> tuple[StageSettings, ...]:
+    """The stages the planner now expects to run after `history`, next one
+    first (its best guess; adaptive planners may change them later)."""
+    raise NotImplementedError
+
+  def state_dict(self) -> dict:
+    return {}
+
+  def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    del state
+
+
+def stage_seed(seed: int, stage_index: int) -> int:
+  """The input pipeline's seed for a stage: each stage reshuffles
+  differently, and identically across restarts."""
+  return int(np.random.SeedSequence([seed, stage_index]).generate_state(1)[0]
+             % (2**31 - 1))
 
 
 def _interpolate(low: float, high: float, index: int, count: int) -> float:
@@ -254,7 +297,7 @@ def plan_from_config(progressive: Mapping[str, Any], *, epochs: float,
       max_batch_size=p.get('max_batch_size') or None)
 
 
-class LinearStagePlanner:
+class LinearStagePlanner(StagePlanner):
   """The default planner: hands out a precomputed plan in order."""
 
   def __init__(self, stages: Sequence[StageSettings]):
@@ -262,12 +305,41 @@ class LinearStagePlanner:
       raise ValueError('a stage plan needs at least one stage')
     self.stages = tuple(stages)
     self.total_steps = self.stages[-1].end_step
+    self.total_epochs = self.stages[-1].end_epoch
     self.num_stages = len(self.stages)
 
   def next_stage(self, history: Sequence[StageResult]
                  ) -> StageSettings | None:
     done = len(history)
     return self.stages[done] if done < len(self.stages) else None
+
+  def expected_stages(self, history: Sequence[StageResult]
+                      ) -> tuple[StageSettings, ...]:
+    return self.stages[len(history):]
+
+
+def upcoming_shapes(planner: StagePlanner,
+                    history: Sequence[StageResult]) -> list[tuple[int, int]]:
+  """(batch, size) of the stages expected after the next one, each once."""
+  shapes = []
+  for stage in planner.expected_stages(history)[1:]:
+    shape = (stage.batch_size, stage.image_size)
+    if shape not in shapes:
+      shapes.append(shape)
+  return shapes
+
+
+def eta_seconds(planner: StagePlanner, history: Sequence[StageResult],
+                current: StageSettings, step: int, step_time: float) -> float:
+  """Time left: the current stage's steps at today's speed, later stages'
+  scaled by their pixels per batch (a step's cost grows about with
+  batch * size**2, so a stage at 300 px costs 5.5x one at 128 px)."""
+  cost = lambda s: s.batch_size * s.image_size**2
+  left = (current.end_step - step) * step_time
+  for later in planner.expected_stages(history):
+    if later.index > current.index:
+      left += later.num_steps * step_time * cost(later) / cost(current)
+  return left
 
 
 def check_next_stage(settings: StageSettings, history: Sequence[StageResult],

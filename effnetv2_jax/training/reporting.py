@@ -53,12 +53,13 @@ class Reporter:
   """Writes scalars everywhere they belong; owns the progress bar."""
 
   def __init__(self, workdir: str, *, total_steps: int, progress_bar: str,
-               start_step: int = 0):
+               start_step: int = 0, tensorboard: bool = True):
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.workdir = workdir
     self.is_main = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_main, asynchronous=True)
+        workdir, just_logging=not (self.is_main and tensorboard),
+        asynchronous=True)
     # metrics.jsonl is rewritten whole (GCS objects cannot be appended to);
     # a resumed run starts from what the killed one had flushed.
     self._records = _read_records(workdir) if self.is_main else []
@@ -164,7 +165,8 @@ def plot_curves(workdir: str, stage_boundaries: Sequence[tuple[int, int]],
   records = read_metrics(workdir)
   train = [r for r in records if r['kind'] == 'train' and 'loss' in r]
   evals = [r for r in records if r['kind'] == 'eval']
-  if not train and not evals:
+  holdout = [r for r in records if r['kind'] == 'eval_holdout']
+  if not train and not evals and not holdout:
     return None
   import matplotlib
   matplotlib.use('Agg')
@@ -176,8 +178,11 @@ def plot_curves(workdir: str, stage_boundaries: Sequence[tuple[int, int]],
                  label='train loss')
   ax_loss.set_xlabel('step')
   ax_loss.set_ylabel('cross-entropy')
-  for key, label in (('top1', 'top-1'), ('ema_top1', 'top-1 (EMA)')):
-    points = [(r['step'], 100 * r[key]) for r in evals if key in r]
+  for rows, key, label in ((evals, 'top1', 'top-1'),
+                           (evals, 'ema_top1', 'top-1 (EMA)'),
+                           (holdout, 'top1', 'holdout top-1'),
+                           (holdout, 'ema_top1', 'holdout top-1 (EMA)')):
+    points = [(r['step'], 100 * r[key]) for r in rows if key in r]
     if points:
       ax_acc.plot(*zip(*points), marker='o', label=label)
   ax_acc.set_xlabel('step')
@@ -199,3 +204,31 @@ def plot_curves(workdir: str, stage_boundaries: Sequence[tuple[int, int]],
   path = os.path.join(workdir, PLOT_FILE)
   _path(path).write_bytes(buffer.getvalue())
   return path
+
+
+def build_summary(*, experiment: str, status: str, final_step: int,
+                  total_steps: int, final_eval: Mapping[str, float],
+                  eval_image_size: int, history: Sequence[Any],
+                  **extra) -> dict[str, Any]:
+  """summary.json: the final eval, each stage's record, run totals.
+
+  `history` holds `progressive.StageResult`s; `extra` adds run facts (the
+  model, dataset, devices, ...) as they are.
+  """
+  stages = [h.to_dict() for h in history]
+  steps_of = lambda h: h.settings.num_steps
+  timed = [(h.step_time_s, steps_of(h)) for h in history if h.step_time_s]
+  images = sum(steps_of(h) * h.settings.batch_size for h in history)
+  wall = sum(h.wall_time_s for h in history)
+  return dict(
+      experiment=experiment, status=status, final_step=final_step,
+      total_steps=total_steps, eval=dict(final_eval),
+      eval_image_size=eval_image_size, stages=stages,
+      mean_step_time_s=(sum(t * n for t, n in timed) /
+                        sum(n for _, n in timed) if timed else None),
+      images_per_sec=images / wall if wall else None,
+      # Gradient programs per stage, plus the update program once.
+      compile_time_s=(sum(h.compile_time_s for h in history) +
+                      max([h.update_compile_time_s for h in history] or
+                          [0.0])),
+      **extra)

@@ -66,6 +66,10 @@ def learning_rate_at(epoch, *, peak: float, kind: str = 'exponential',
   return decayed
 
 
+STAGE_HPARAM_NAMES = ('peak_lr', 'start_step', 'start_epoch',
+                      'epochs_per_step')
+
+
 def stage_hparams(schedule: Mapping[str, Any], *, batch_size: int,
                   start_step: int, start_epoch: float,
                   num_train_examples: int) -> dict[str, float]:

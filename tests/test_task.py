@@ -1,0 +1,287 @@
+"""TrainTask's seams: loss terms, extra networks, planner state, run options.
+
+A loss term that asks for the model's features and trains a second network
+beside it (a stand-in for self-distillation), a planner with state of its
+own, and library-style runs that must leave the process as they found it.
+"""
+
+import dataclasses
+import gc
+import importlib.util
+import os
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from effnetv2_jax.data import pipeline
+from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.training import mesh as mesh_lib
+from effnetv2_jax.training import optimizer
+from effnetv2_jax.training import progressive
+from effnetv2_jax.training import schedules
+from effnetv2_jax.training import state as state_lib
+from effnetv2_jax.training import task as task_lib
+from effnetv2_jax.training import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, 'configs', 'tiny.py')
+ARCH = arch_lib.Architecture(
+    name='task_test',
+    stages=(arch_lib.parse_block_string('r1_k3_s1_e1_i8_o8_c1'),
+            arch_lib.parse_block_string('r1_k3_s2_e2_i8_o16_se0.25')),
+    head_channels=32, dropout_rate=0.1)
+CLASSES, BATCH, SIZE = 10, 8, 16
+SCHEDULE = {'lr_per_256': 0.5, 'kind': 'constant', 'warmup_epochs': 0.0}
+EXTRA_LR = 0.05
+
+
+class _Projector(nnx.Module):
+  """A second network: pre-logits (32) -> 8, with BatchNorm statistics."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(32, 8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.linear(x), use_running_average=False)
+
+
+class _ProjectorSpec:
+
+  def build(self, seed):
+    return _Projector(nnx.Rngs(seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class _FeatureMatch:
+  """Pulls the first 8 pre-logit features toward the projector's output,
+  and the projector toward them: both networks get gradients."""
+
+  name: str = 'match'
+  needs_features: bool = True
+  weight: float = 0.5
+
+  def __call__(self, inputs: task_lib.LossInputs):
+    features = inputs.features['pre_logits']
+    target = inputs.extras['proj'](features)
+    return self.weight * jnp.mean((features[:, :8] - target) ** 2)
+
+
+def _extra():
+  return task_lib.ExtraNetwork(
+      'proj', _ProjectorSpec(), make_optimizer=optax.sgd)
+
+
+def _task(terms=(), extras=(), ema_decay=0.9):
+  return task_lib.TrainTask(
+      state_lib.ModelSpec(ARCH, CLASSES, drop_path_rate=0.2),
+      mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]),
+      make_optimizer=optimizer.build, schedule=SCHEDULE, total_epochs=1.0,
+      num_train_examples=100, terms=terms, extras=extras, ema_decay=ema_decay,
+      ema_ramp=False)
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
+          'label': np.eye(CLASSES, dtype=np.float32)[
+              rng.integers(0, CLASSES, BATCH)]}
+
+
+def _hparams(task):
+  return task.hparams(batch_size=BATCH, start_step=0, start_epoch=0.0,
+                      dropout_rate=0.1)
+
+
+def test_hparam_names_are_what_the_schedule_produces():
+  produced = schedules.stage_hparams(SCHEDULE, batch_size=8, start_step=0,
+                                     start_epoch=0.0, num_train_examples=100)
+  assert set(produced) == set(schedules.STAGE_HPARAM_NAMES)
+  task = _task()
+  assert set(_hparams(task)) == set(task.hparams_spec()) == set(
+      task_lib.HPARAM_NAMES)
+
+
+def test_every_program_lowers_from_the_tasks_own_signatures():
+  task = _task(terms=[_FeatureMatch()], extras=[_extra()])
+  for kind, shape in (('gradient', (BATCH, SIZE)), ('update', ()),
+                      ('eval', (BATCH, 24))):
+    assert task.lower(kind, *shape).as_text()
+  with pytest.raises(ValueError, match='unknown program'):
+    task.abstract_args('evaluate')
+
+
+def test_a_loss_term_adds_to_the_loss_and_is_logged():
+  plain, with_term = _task(extras=[_extra()]), _task(
+      terms=[_FeatureMatch()], extras=[_extra()])
+  state = jax.jit(with_term.init)()
+  _, _, base = jax.jit(plain.gradient_step)(state, _batch(), _hparams(plain))
+  _, _, metrics = jax.jit(with_term.gradient_step)(state, _batch(),
+                                                   _hparams(with_term))
+  assert 'loss_match' not in base
+  assert float(metrics['loss_match']) > 0
+  # Same weights, batch and masks: the term is the whole difference.
+  np.testing.assert_allclose(float(metrics['loss']),
+                             float(base['loss'] + metrics['loss_match']),
+                             rtol=1e-5)
+
+
+def test_an_extra_network_trains_with_its_own_optimizer_ema_and_statistics():
+  task = _task(terms=[_FeatureMatch()], extras=[_extra()])
+  state = jax.jit(task.init)()
+  before = jax.device_get(state.extras['proj'])
+  grads, stats, _ = jax.jit(task.gradient_step)(state, _batch(),
+                                                _hparams(task))
+  after, metrics = jax.jit(task.train_step)(state, _batch(), _hparams(task))
+  after = jax.device_get(after.extras['proj'])
+  extra_grads = jax.device_get(grads[1]['proj'])
+  lr = float(metrics['learning_rate'])
+  # Plain SGD, not the model's RMSProp: params - lr * grad, leaf by leaf.
+  for (path, new), old, g in zip(
+      jax.tree_util.tree_flatten_with_path(after.params)[0],
+      jax.tree.leaves(before.params), jax.tree.leaves(extra_grads)):
+    assert np.abs(g).max() > 0, path
+    np.testing.assert_allclose(new, old - lr * g, rtol=1e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  # Its BatchNorm statistics moved, and so did its weight average (decay
+  # 0.9: one tenth of the way to the new weights).
+  np.testing.assert_allclose(after.batch_stats['bn']['mean'],
+                             jax.device_get(stats[1]['proj'])['bn']['mean'])
+  assert np.abs(after.batch_stats['bn']['mean']).max() > 0
+  np.testing.assert_allclose(
+      after.ema_params['linear']['kernel'],
+      before.ema_params['linear']['kernel'] + 0.1 * (
+          after.params['linear']['kernel'] -
+          before.ema_params['linear']['kernel']), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------- through the trainer --
+
+
+def _tiny_config(**overrides):
+  spec = importlib.util.spec_from_file_location('tiny_config', TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(None)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+class _DrawingPlanner(progressive.StagePlanner):
+  """Draws each stage's dropout from its own random stream: a resumed run
+  makes the same draws only if the stream's state was checkpointed."""
+
+  def __init__(self, plan):
+    self._linear = progressive.LinearStagePlanner(plan)
+    self.total_steps = self._linear.total_steps
+    self.total_epochs = self._linear.total_epochs
+    self.num_stages = self._linear.num_stages
+    self._rng = np.random.default_rng(123)
+
+  def next_stage(self, history):
+    stage = self._linear.next_stage(history)
+    if stage is None:
+      return None
+    return dataclasses.replace(
+        stage, dropout_rate=float(self._rng.uniform(0.0, 0.3)))
+
+  def expected_stages(self, history):
+    return self._linear.expected_stages(history)
+
+  def state_dict(self):
+    return {'rng': self._rng.bit_generator.state}
+
+  def load_state_dict(self, state):
+    self._rng.bit_generator.state = state['rng']
+
+
+def _planner():
+  return _DrawingPlanner(progressive.plan_stages(
+      num_stages=3, epochs=0, total_steps=12, num_train_examples=1437,
+      batch_size=16, min_image_size=16, max_image_size=24,
+      randaug_magnitude=(0, 0)))
+
+
+def _seam_run(workdir, cache_dir, planner):
+  config = _tiny_config(**{'compilation_cache_dir': cache_dir,
+                           'train.total_steps': 12,
+                           'checkpoint.every_steps': 2})
+  return trainer.train_and_evaluate(
+      config, workdir, planner=planner, terms=[_FeatureMatch()],
+      extras=[_extra()])
+
+
+def test_extras_and_planner_state_resume_bitwise_after_sigterm(tmp_path):
+  cache = str(tmp_path / 'cache')
+  ref_state, ref_summary = _seam_run(str(tmp_path / 'ref'), cache, _planner())
+  assert 'loss_match' in ref_summary['stages'][0]['train_metrics']
+
+  workdir = str(tmp_path / 'interrupted')
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  stop = threading.Event()
+
+  def sigterm_after_step_6():
+    while not stop.is_set():
+      steps = ([int(d) for d in os.listdir(checkpoints) if d.isdigit()]
+               if os.path.isdir(checkpoints) else [])
+      if steps and max(steps) >= 6:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      stop.wait(0.02)
+
+  watcher = threading.Thread(target=sigterm_after_step_6)
+  watcher.start()
+  try:
+    _, summary = _seam_run(workdir, cache, _planner())
+  finally:
+    stop.set()
+    watcher.join()
+  assert summary['status'] == 'preempted' and summary['final_step'] < 12
+
+  resumed, summary = _seam_run(workdir, cache, _planner())
+  assert summary['final_step'] == 12
+  # The resumed planner made the reference's draws, and the stage means
+  # cover the whole stage although it ran in two processes' worth of parts.
+  assert [s['settings'] for s in summary['stages']] == [
+      s['settings'] for s in ref_summary['stages']]
+  for got, want in zip(summary['stages'], ref_summary['stages']):
+    assert got['train_metrics']['loss'] == pytest.approx(
+        want['train_metrics']['loss'], rel=1e-6)
+  for (path, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(jax.device_get(ref_state))[0],
+      jax.tree.leaves(jax.device_get(resumed))):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  assert 'proj' in resumed.extras
+
+
+def test_library_runs_write_only_results_and_leave_the_process_as_found(
+    tmp_path):
+  settings = ('jax_compilation_cache_dir',
+              'jax_persistent_cache_min_compile_time_secs',
+              'jax_persistent_cache_min_entry_size_bytes')
+  before = {name: getattr(jax.config, name) for name in settings}
+  threads_before = set(threading.enumerate())
+  options = trainer.RunOptions(checkpoints=False, tensorboard=False,
+                               plots=False, export=False)
+  for index in range(3):
+    workdir = tmp_path / f'run{index}'
+    _, summary = trainer.train_and_evaluate(
+        _tiny_config(compilation_cache_dir=str(tmp_path / 'cache')),
+        str(workdir), options=options)
+    assert summary['status'] == 'completed'
+    assert sorted(os.listdir(workdir)) == ['metrics.jsonl', 'summary.json']
+  assert {name: getattr(jax.config, name) for name in settings} == before
+  gc.collect()
+  assert set(threading.enumerate()) <= threads_before
+  assert all(it._dataset is None for it in pipeline._live_iterators)  # pylint: disable=protected-access
