@@ -40,12 +40,16 @@ def flat_keys(config: Mapping[str, Any], prefix: str = '') -> Iterable[str]:
 
 def check_known_keys(config, reference) -> None:
   """Every key of `config` must exist in `reference` (catches typos)."""
-  known = set(flat_keys(reference))
-  unknown = sorted(set(flat_keys(config)) - known)
+  import difflib  # pylint: disable=g-import-not-at-top
+  known = sorted(set(flat_keys(reference)))
+  unknown = sorted(set(flat_keys(config)) - set(known))
   if unknown:
-    raise ConfigError(
-        f'unknown config key(s): {", ".join(unknown)} (not in the base config; '
-        'check the spelling)')
+    described = []
+    for key in unknown:
+      close = difflib.get_close_matches(key, known, n=1)
+      described.append(f'{key} (did you mean {close[0]}?)' if close else key)
+    raise ConfigError(f'unknown config key(s): {", ".join(described)}; not '
+                      'in the base config')
 
 
 def _require(condition: bool, key: str, value: Any, why: str) -> None:
