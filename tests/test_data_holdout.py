@@ -40,7 +40,7 @@ def _eval_ids(name, split, holdout, *, global_batch_size=4, process_count=1,
 
 def _train_epoch_ids(name, holdout, num_examples, *, seed=0,
                      global_batch_size=4, **kwargs):
-  """Ids of the first epoch (positions [0, num_examples)) of the train stream."""
+  """Ids of the first epoch (stream positions [0, num_examples)) of training."""
   train = data.make_train_iterator(
       name, holdout=holdout, global_batch_size=global_batch_size,
       image_size=8, seed=seed, augment='none', normalization='ft', **SINGLE,
