@@ -1,17 +1,25 @@
 """Tables about the model family, printed from the code itself.
 
-    python -m effnetv2_jax.tables params [--json] [--variant s --variant b0]
+    python -m effnetv2_jax.tables params [--json | --markdown] [--no-xla]
+                                         [--variant s --variant b0]
 
-prints, for each variant, the trainable parameter count (and the official
-figure), and the multiply-accumulates at the train and eval sizes counted by
-XLA from the compiled inference program on CPU, beside the reference count of
-facts §2.2 and the paper's figure.
+prints, for each variant, the trainable parameter count beside the official
+one, and the multiply-accumulates at the train and eval sizes counted from the
+architecture (`models/macs.py`) beside the reference figures of
+`arch.REFERENCE_GMACS`, which that count reproduces to their printed digits.
 
-XLA's convention differs slightly from the hand formula: a convolution only
-counts kernel taps that land inside the image (taps over 'SAME' padding are
-free) and element-wise ops (BN, SiLU, adds) are counted too; the two effects
-nearly cancel at the train and eval sizes. GPU executables do not count cuDNN
-convolutions, hence counting on CPU.
+XLA's count of the compiled inference program is printed beside them as a
+cross-check (skip it with `--no-xla`: it compiles every variant twice). It
+differs by design: XLA counts only the kernel taps that land inside the image
+(padding taps are free) and counts the element-wise work as well (BN, SiLU,
+the SE pooling and gate, residual adds). The table splits the difference into
+those two parts: the padding share comes from `count_macs(...,
+padding_taps=False)`, and what is left is XLA's element-wise count.
+
+XLA's cost analysis gives custom calls no cost, so the count compiles a model
+whose every convolution is an XLA op: on CPU the oneDNN convolutions
+(`conv_impl='auto'`, and eval-mode 1x1 convolutions on large maps) are custom
+calls, and on GPU cuDNN's are, so it always compiles for the CPU.
 """
 
 from __future__ import annotations
@@ -19,79 +27,184 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+from typing import TYPE_CHECKING
+
+# The models package imports jax, which reads JAX_PLATFORMS once on import:
+# `main` sets it first, so the functions import the package when they run.
+if TYPE_CHECKING:
+  from effnetv2_jax.models.arch import Architecture
 
 
-def count_macs(variant: str, image_size: int) -> float:
-  """MACs of one eval-mode forward pass at batch 1, as XLA counts them."""
+def xla_macs(architecture: Architecture | str, image_size: int,
+             num_classes: int = 1000) -> float:
+  """MACs of one eval-mode forward pass at batch 1, as XLA counts them.
+
+  The cost analysis of the compiled CPU program, flops / 2, with every
+  convolution compiled by XLA.
+
+  Raises:
+    RuntimeError: the compiled program still holds custom calls, which XLA
+      does not cost, so the count would be short.
+  """
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from effnetv2_jax.models import create_model
 
-  # The 'xla' depthwise form is one convolution op, counted like the
-  # reference; the shifted CPU form would add the padding taps back.
-  abstract = nnx.eval_shape(
-      lambda: create_model(variant, 1000, conv_impl='xla'))
-  graphdef, state = nnx.split(abstract)
+  model = nnx.eval_shape(
+      lambda: create_model(architecture, num_classes, conv_impl='xla'))
+  # conv_impl reaches the k x k convolutions only; the 1x1 ones keep their
+  # own setting, which on CPU routes large eval-mode maps to oneDNN.
+  for _, module in nnx.iter_modules(model):
+    if getattr(module, 'impl', None) is not None:
+      module.impl = 'xla'
+  graphdef, state = nnx.split(model)
 
   def forward(state, x):
     return nnx.merge(graphdef, state)(x, training=False)
 
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  # On CPU whatever the default backend: a GPU program's cuDNN convolutions
+  # are custom calls too.
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  state = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), state)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32,
+                           sharding=cpu)
   compiled = jax.jit(forward).lower(state, x).compile()
+  targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"',
+                                  compiled.as_text())))
+  if targets:
+    raise RuntimeError('XLA gives custom calls no cost and the program holds '
+                       f'{", ".join(targets)}; its count would be short')
   cost = compiled.cost_analysis()
   if isinstance(cost, list):  # older jax returned one dict per device
     cost = cost[0]
   return float(cost['flops']) / 2
 
 
-def params_table(variants) -> list[dict]:
+def macs_row(architecture: Architecture, image_size: int,
+             official_gmacs: float, *, with_xla: bool) -> dict:
+  """One size's MAC figures for the params table, in G."""
+  from effnetv2_jax.models import macs as macs_lib
+
+  count = macs_lib.count_macs(architecture, image_size).total
+  row = {
+      'size': image_size,
+      'gmacs': count / 1e9,
+      'official_gmacs': official_gmacs,
+      'deviation': count / 1e9 / official_gmacs - 1,
+  }
+  if with_xla:
+    inside = macs_lib.count_macs(architecture, image_size,
+                                 padding_taps=False).total
+    xla = xla_macs(architecture, image_size)
+    row.update({
+        'xla_gmacs': xla / 1e9,
+        'xla_deviation': xla / count - 1,
+        'xla_padding_share': inside / count - 1,
+        'xla_elementwise_share': (xla - inside) / count,
+    })
+  return row
+
+
+def params_table(variants, *, with_xla: bool = True) -> list[dict]:
+  """One row per variant: parameters, and MACs at the train and eval sizes."""
   from flax import nnx
 
-  from effnetv2_jax.models import arch, count_params, create_model
+  from effnetv2_jax.models import arch as arch_lib
+  from effnetv2_jax.models import count_params, create_model
 
   rows = []
   for name in variants:
-    a = arch.get_architecture(name)
+    a = arch_lib.get_architecture(name)
     model = nnx.eval_shape(lambda: create_model(a, 1000))
-    params = count_params(model)
-    ref_train, ref_eval = arch.REFERENCE_GMACS[a.name]
-    row = {
+    official_train, official_eval = arch_lib.REFERENCE_GMACS[a.name]
+    rows.append({
         'variant': a.name,
-        'params': params,
-        'official_params': arch.OFFICIAL_PARAMS[a.name],
-        'train_size': a.train_size,
-        'eval_size': a.eval_size,
-        'gmacs_train': count_macs(a.name, a.train_size) / 1e9,
-        'gmacs_eval': count_macs(a.name, a.eval_size) / 1e9,
-        'reference_gmacs_train': ref_train,
-        'reference_gmacs_eval': ref_eval,
-        'paper': arch.PAPER_FIGURES[a.name],
-    }
-    row['gmacs_train_deviation'] = row['gmacs_train'] / ref_train - 1
-    row['gmacs_eval_deviation'] = row['gmacs_eval'] / ref_eval - 1
-    rows.append(row)
-    print(f'  counted {a.name}', file=sys.stderr, flush=True)
+        'params': count_params(model),
+        'official_params': arch_lib.OFFICIAL_PARAMS[a.name],
+        'train': macs_row(a, a.train_size, official_train, with_xla=with_xla),
+        'eval': macs_row(a, a.eval_size, official_eval, with_xla=with_xla),
+        'paper': arch_lib.PAPER_FIGURES[a.name],
+    })
+    if with_xla:
+      print(f'  counted {a.name}', file=sys.stderr, flush=True)
   return rows
 
 
+def _gmacs(value: float) -> str:
+  return f'{value:.3f}' if value < 10 else f'{value:.2f}'
+
+
+def _percent(fraction: float) -> str:
+  return f'{round(fraction * 100, 2) + 0.0:+.2f}%'  # + 0.0: no '-0.00%'
+
+
+def _ours(m: dict) -> str:
+  return (f'{_gmacs(m["gmacs"])} / {m["official_gmacs"]:g} @{m["size"]} '
+          f'({_percent(m["deviation"])})')
+
+
+def _xla(m: dict) -> str:
+  return (f'{_gmacs(m["xla_gmacs"])} ({_percent(m["xla_deviation"])} = '
+          f'{_percent(m["xla_padding_share"])} '
+          f'{_percent(m["xla_elementwise_share"])})')
+
+
+NOTE = ('GMACs: ours = counted from the architecture (models/macs.py: '
+        'convolutions with every kernel tap, SE, classifier) / official '
+        'reference (arch.REFERENCE_GMACS) @ image size.')
+XLA_NOTE = ('XLA = cost analysis of the compiled CPU inference program with '
+            'XLA convolutions (batch 1, float32) / 2, vs ours = padding taps '
+            'XLA does not count + element-wise work (BN, SiLU, SE pool and '
+            'gate, adds) it does.')
+
+
 def format_params_table(rows) -> str:
+  """The rows as a fixed-width text table."""
+  with_xla = 'xla_gmacs' in rows[0]['train']
   header = (f'{"variant":<8}{"params":>13}{"official":>13}  '
-            f'{"GMACs train (size, vs ref)":<30}{"GMACs eval (size, vs ref)":<30}'
-            f'paper')
+            f'{"GMACs train: ours / official":<34}'
+            f'{"GMACs eval: ours / official":<34}')
+  if with_xla:
+    header += f'{"XLA train (vs ours)":<34}{"XLA eval (vs ours)":<34}'
+  header += 'paper'
   lines = [header, '-' * len(header)]
   for r in rows:
-    train = (f'{r["gmacs_train"]:.3f} @{r["train_size"]} '
-             f'({r["gmacs_train_deviation"]:+.2%})')
-    evals = (f'{r["gmacs_eval"]:.3f} @{r["eval_size"]} '
-             f'({r["gmacs_eval_deviation"]:+.2%})')
     mark = '' if r['params'] == r['official_params'] else '  MISMATCH'
-    lines.append(f'{r["variant"]:<8}{r["params"]:>13,}{r["official_params"]:>13,}'
-                 f'  {train:<30}{evals:<30}{r["paper"]}{mark}')
-  lines.append('MACs: XLA cost analysis of the compiled CPU inference program '
-               '(batch 1, float32) / 2; ref = facts §2.2 (convs + SE + FC).')
+    line = (f'{r["variant"]:<8}{r["params"]:>13,}{r["official_params"]:>13,}'
+            f'  {_ours(r["train"]):<34}{_ours(r["eval"]):<34}')
+    if with_xla:
+      line += f'{_xla(r["train"]):<34}{_xla(r["eval"]):<34}'
+    lines.append(line + r['paper'] + mark)
+  lines.append(NOTE)
+  if with_xla:
+    lines.append(XLA_NOTE)
+  return '\n'.join(lines)
+
+
+def format_params_markdown(rows) -> str:
+  """The rows as the README's markdown table."""
+  with_xla = 'xla_gmacs' in rows[0]['train']
+  header = ('| variant | params (ours = official) | GMACs train: ours / '
+            'official @size | GMACs eval: ours / official @size |')
+  rule = '|---|---|---|---|'
+  if with_xla:
+    header += (' XLA train (vs ours = padding + element-wise) |'
+               ' XLA eval (vs ours = padding + element-wise) |')
+    rule += '---|---|'
+  lines = [header + ' paper |', rule + '---|']
+  for r in rows:
+    params = f'{r["params"]:,}'
+    if r['params'] != r['official_params']:
+      params += f' (official {r["official_params"]:,})'
+    cells = [r['variant'].upper(), params, _ours(r['train']), _ours(r['eval'])]
+    if with_xla:
+      cells += [_xla(r['train']), _xla(r['eval'])]
+    lines.append('| ' + ' | '.join(cells + [r['paper']]) + ' |')
   return '\n'.join(lines)
 
 
@@ -100,19 +213,29 @@ def main(argv=None) -> int:
       prog='python -m effnetv2_jax.tables',
       description='Parameter and MAC tables of the EfficientNetV2 family.')
   parser.add_argument('table', choices=['params'])
-  parser.add_argument('--json', action='store_true', help='print JSON rows')
+  output = parser.add_mutually_exclusive_group()
+  output.add_argument('--json', action='store_true', help='print JSON rows')
+  output.add_argument('--markdown', action='store_true',
+                      help="print the README's markdown table")
+  parser.add_argument('--no-xla', dest='xla', action='store_false',
+                      help="skip XLA's count (no compilation)")
   parser.add_argument('--variant', action='append',
                       help='restrict to these variants (repeatable)')
   args = parser.parse_args(argv)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from effnetv2_jax.models import arch
+  from effnetv2_jax.models import arch as arch_lib
   try:
-    variants = [arch.normalize_variant_name(v)
-                for v in (args.variant or arch.VARIANTS)]
+    variants = [arch_lib.normalize_variant_name(v)
+                for v in (args.variant or arch_lib.VARIANTS)]
   except ValueError as e:
     parser.error(str(e))
-  rows = params_table(variants)
-  print(json.dumps(rows, indent=1) if args.json else format_params_table(rows))
+  rows = params_table(variants, with_xla=args.xla)
+  if args.json:
+    print(json.dumps(rows, indent=1))
+  elif args.markdown:
+    print(format_params_markdown(rows))
+  else:
+    print(format_params_table(rows))
   return 0
 
 
