@@ -14,7 +14,7 @@ import os
 from typing import Any, Iterable, Mapping
 
 from effnetv2_jax.data import sources
-from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.models import families
 from effnetv2_jax.models.layers import CONV_IMPLS
 from effnetv2_jax.training import progressive, schedules
 
@@ -71,16 +71,12 @@ def _pair(config, key: str, low: float, high: float,
              f'values must be in [{low}, {high}{bracket}')
 
 
-def resolve_architecture(arch_value) -> arch_lib.Architecture:
-  """The Architecture of config.model.arch, or a ConfigError naming the key."""
+def resolve_architecture(arch_value):
+  """The network description config.model.arch names (for EfficientNetV2
+  an `Architecture`; a dict may name another registered family), or a
+  ConfigError naming the key."""
   try:
-    if isinstance(arch_value, arch_lib.Architecture):
-      return arch_value
-    if isinstance(arch_value, str):
-      return arch_lib.get_architecture(arch_value)
-    return arch_lib.Architecture.from_dict(
-        {k: (tuple(v) if isinstance(v, list) else v)
-         for k, v in dict(arch_value).items()})
+    return families.family_of(arch_value).parse(arch_value)
   except (ValueError, TypeError, KeyError) as e:
     raise ConfigError(f'config.model.arch={arch_value!r}: {e}') from None
 
