@@ -1,5 +1,6 @@
 """Pure parts of the trainer: optimizer, schedules, stage plan, EMA, shardings."""
 
+import json
 import subprocess
 import sys
 
@@ -9,10 +10,14 @@ import numpy as np
 import optax
 import pytest
 
+from effnetv2_jax.training import checkpointing
+from effnetv2_jax.training import compilation
+from effnetv2_jax.training import config_checks
 from effnetv2_jax.training import ema
 from effnetv2_jax.training import mesh as mesh_lib
 from effnetv2_jax.training import optimizer
 from effnetv2_jax.training import progressive
+from effnetv2_jax.training import reporting
 from effnetv2_jax.training import schedules
 
 
@@ -172,7 +177,7 @@ def test_exponential_schedule_matches_the_official_step_formula():
     assert lr(step) == pytest.approx(_official_lr(step), rel=5e-4, abs=1e-9)
   # Counted from step 0: right after the warmup the rate is 0.256 * 0.97**2.
   assert lr(1534) == pytest.approx(0.256 * 0.97**2, rel=1e-5)
-  # Stage-boundary rates of the official S run (facts §4.2).
+  # Stage-boundary rates of the official S run (google/automl main.py).
   for step, expected in ((26_834, 0.0855), (53_668, 0.0286),
                          (80_502, 0.00926), (107_336, 0.00309)):
     assert lr(step) == pytest.approx(expected, rel=5e-3)
@@ -284,11 +289,71 @@ def test_total_steps_override_and_errors():
     _plan(min_image_size=400)
 
 
-def test_stage_settings_round_trip():
+def test_stage_settings_and_results_round_trip_through_json():
   stage = _plan()[2]
   assert progressive.StageSettings.from_dict(stage.to_dict()) == stage
-  result = progressive.StageResult(stage, {'loss': 1.0}, {'top1': 0.5}, 3.0)
-  assert progressive.StageResult.from_dict(result.to_dict()) == result
+  result = progressive.StageResult(
+      stage, {'loss': 1.0}, {'top1': 0.5}, 3.0, eval_split='holdout',
+      step_time_s=0.25, compile_cache_hit=True,
+      memory={'temp_size_in_bytes': 7})
+  assert progressive.StageResult.from_dict(
+      json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_a_checkpoints_resume_point_round_trips_and_names_another_model():
+  plan = _plan()
+  point = checkpointing.ResumePoint(
+      step=12, history=[progressive.StageResult(plan[0], {'loss': 2.0}, {})],
+      model={'name': 's', 'family': 'efficientnetv2'}, stage=plan[1],
+      stage_batches=3, stage_elapsed_s=1.5,
+      stage_sums={'loss': 6.0, 'count': 3}, planner={'rng': [1, 2]})
+  again = checkpointing.ResumePoint.from_meta(
+      json.loads(json.dumps(point.to_meta())))
+  assert again == point
+  checkpointing.check_same_model(again, point.model, '/runs/x')
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'config.model.arch: .*/runs/x.* another network'):
+    checkpointing.check_same_model(again, {'name': 'm'}, '/runs/x')
+
+
+def test_planner_expectations_give_shapes_to_compile_and_the_eta():
+  plan = progressive.plan_stages(
+      num_stages=4, epochs=0, total_steps=400, num_train_examples=1000,
+      batch_size=8, min_image_size=100, max_image_size=200,
+      batch_size_rule='constant_memory', batch_multiple=8)
+  planner = progressive.LinearStagePlanner(plan)
+  assert planner.total_epochs == plan[-1].end_epoch
+  done = [progressive.StageResult(plan[0], {}, {})]
+  assert planner.expected_stages(done) == plan[1:]
+  # After stage 1 finished, stage 2 is running: stages 3 and 4 compile ahead.
+  assert progressive.upcoming_shapes(planner, done) == [
+      (s.batch_size, s.image_size) for s in plan[2:]]
+  # Later stages' steps cost their pixels per batch relative to this one.
+  now = plan[1]
+  eta = reporting.eta_seconds(planner, done, now, now.start_step, 1.0)
+  cost = lambda s: s.batch_size * s.image_size**2
+  assert eta == pytest.approx(now.num_steps + sum(
+      s.num_steps * cost(s) / cost(now) for s in plan[2:]))
+  assert eta != pytest.approx(sum(s.num_steps for s in plan[1:]))
+
+
+def test_persistent_cache_puts_the_process_settings_back(tmp_path):
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  before = {n: getattr(jax.config, n) for n in names}
+  with pytest.raises(RuntimeError):
+    with compilation.persistent_cache(str(tmp_path / 'cache')):
+      assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'cache')
+      assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+      raise RuntimeError('the run failed')
+  assert {n: getattr(jax.config, n) for n in names} == before
+  blocked = tmp_path / 'file'
+  blocked.write_text('')
+  with pytest.raises(config_checks.ConfigError,
+                     match='config.compilation_cache_dir'):
+    with compilation.persistent_cache(str(blocked / 'cache')):
+      pass
 
 
 def test_linear_planner_and_stage_continuity_checks():

@@ -293,7 +293,7 @@ def _log_progress(run: Run, settings, history, step: int,
       stage=settings.index + 1, num_stages=settings.num_stages, step=step,
       total_steps=run.planner.total_steps,
       images_per_sec=means['images_per_sec'],
-      eta_s=progressive.eta_seconds(run.planner, history, settings, step,
+      eta_s=reporting.eta_seconds(run.planner, history, settings, step,
                                     means['step_time_s']),
       loss=means['loss'], learning_rate=means['learning_rate']))
   run.reporter.advance(step, f'stage {settings.index + 1}/'

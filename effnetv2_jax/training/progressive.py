@@ -329,19 +329,6 @@ def upcoming_shapes(planner: StagePlanner,
   return shapes
 
 
-def eta_seconds(planner: StagePlanner, history: Sequence[StageResult],
-                current: StageSettings, step: int, step_time: float) -> float:
-  """Time left: the current stage's steps at today's speed, later stages'
-  scaled by their pixels per batch (a step's cost grows about with
-  batch * size**2, so a stage at 300 px costs 5.5x one at 128 px)."""
-  cost = lambda s: s.batch_size * s.image_size**2
-  left = (current.end_step - step) * step_time
-  for later in planner.expected_stages(history):
-    if later.index > current.index:
-      left += later.num_steps * step_time * cost(later) / cost(current)
-  return left
-
-
 def check_next_stage(settings: StageSettings, history: Sequence[StageResult],
                      total_steps: int) -> None:
   """Raises if a planner's stage does not continue where the last one ended."""

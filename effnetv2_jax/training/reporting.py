@@ -49,6 +49,19 @@ def progress_line(*, stage: int, num_stages: int, step: int, total_steps: int,
           f'| loss {loss:.4f} | lr {learning_rate:.4g}')
 
 
+def eta_seconds(planner, history: Sequence[Any], current, step: int,
+                step_time: float) -> float:
+  """Time left: the current stage's steps at today's speed, later stages'
+  scaled by their pixels per batch (a step's cost grows about with
+  batch * size**2, so a stage at 300 px costs 5.5x one at 128 px)."""
+  cost = lambda s: s.batch_size * s.image_size**2
+  left = (current.end_step - step) * step_time
+  for later in planner.expected_stages(history):
+    if later.index > current.index:
+      left += later.num_steps * step_time * cost(later) / cost(current)
+  return left
+
+
 class Reporter:
   """Writes scalars everywhere they belong; owns the progress bar."""
 
