@@ -42,7 +42,7 @@ DIGITS_ARCH = arch_lib.scaled(
 
 
 def get_config(arg=None):
-  del arg
+  recipes.parse_arg(arg)  # takes none: a stray ':argument' is an error
   c = recipes.base_config()
   c.experiment = 'digits_quickstart'
   c.model.arch = DIGITS_ARCH.to_dict()

@@ -274,7 +274,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       if position >= len(keys):
         raise ValueError(f'too many config arguments in {arg!r}; known: '
-                         f'{", ".join(keys)}')
+                         f'{", ".join(keys) or "none (it takes no argument)"}')
       key, value = keys[position], token
       position += 1
     if key not in defaults:
