@@ -16,6 +16,7 @@ exactly the batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import threading
 import time
@@ -196,94 +197,119 @@ def _programs(run: Run, settings, history):
   return compiled, update, waited, memory
 
 
+@dataclasses.dataclass
+class _Progress:
+  """Where a stage is: for checkpoints, the log and the stage's record."""
+
+  settings: progressive.StageSettings
+  metrics: _Metrics
+  batches: int  # of this stage consumed
+  elapsed_before: float  # wall seconds of earlier processes' parts
+  started: float = dataclasses.field(default_factory=time.time)
+  train_seconds: float = 0.0  # stepping only: no compile, eval, checkpoints
+
+  @property
+  def elapsed(self) -> float:
+    return self.elapsed_before + time.time() - self.started
+
+
 def _run_stage(run: Run, settings: progressive.StageSettings, state,
                resume: checkpointing.ResumePoint | None):
   """Trains `settings` to its end (from where `resume` left it); ->
   (state, its StageResult), or (state, None) when stopped by SIGTERM."""
   run.reporter.text(settings.describe())
-  stage_start = time.time()
-  batches = resume.stage_batches if resume else 0
-  elapsed_before = resume.stage_elapsed_s if resume else 0.0
-  metrics = _Metrics(resume.stage_sums if resume else None)
+  progress = _Progress(
+      settings, _Metrics(resume.stage_sums if resume else None),
+      batches=resume.stage_batches if resume else 0,
+      elapsed_before=resume.stage_elapsed_s if resume else 0.0)
   history = list(run.history)
   compiled, update, waited, memory = _programs(run, settings, history)
-  hparams = run.task.stage_hparams(settings)
-  every = run.schedule
-
-  def non_finite(step, values):
-    run.ckpt.wait()
-    good = run.ckpt.latest_step()
-    kept = (f'the last good checkpoint is step {good} in '
-            f'{run.ckpt.directory}' if good is not None
-            else 'no checkpoint had been written')
-    raise NonFiniteLossError(
-        f'loss is {values["loss"]} at step {step + 1} (stage '
-        f'{settings.index + 1}/{settings.num_stages}, image size '
-        f'{settings.image_size}, learning rate '
-        f'{values["learning_rate"]:.4g}); training stopped and {kept}')
-
-  step = first_step = settings.start_step + batches
-  train_seconds = 0.0  # stepping only: no compile, eval or checkpoint waits
-  resumed_at = time.time()
-  preempted = False
-  train_data = run.train_iterator(settings, batches)
+  first_step = settings.start_step + progress.batches
+  train_data = run.train_iterator(settings, progress.batches)
   try:
-    while step < settings.end_step:
-      grads, batch_stats, step_metrics = compiled.executable(
-          state, next(train_data), hparams)
-      state, update_metrics = update.executable(state, grads, batch_stats,
-                                                hparams)
-      metrics.add(step, dict(step_metrics, **update_metrics),
-                  settings.batch_size)
-      step += 1
-      batches += 1
-      stage_end = step == settings.end_step
-      stop = run.preemption.should_stop(step)
-      want_log = step % every['log'] == 0 or stage_end
-      want_ckpt = (bool(every['checkpoint'] and step % every['checkpoint'] == 0)
-                   and not stage_end)
-      if want_log or want_ckpt or stop:
-        means = metrics.read(non_finite)
-        if want_log and means:
-          _log_progress(run, settings, history, step, means)
-      if want_ckpt or stop:
-        train_seconds += time.time() - resumed_at
-        elapsed = elapsed_before + time.time() - stage_start
-        run.ckpt.save(step, state, run.checkpoint_meta(
-            step, settings, batches, elapsed, metrics.sums))
-        if stop:
-          run.ckpt.wait()
-          run.reporter.text(
-              f'SIGTERM: wrote a checkpoint at step {step} (stage '
-              f'{settings.index + 1}, batch {batches}); stopping')
-          preempted = True
-          break
-        resumed_at = time.time()
-      if every['eval'] and step % every['eval'] == 0 and not stage_end:
-        train_seconds += time.time() - resumed_at
-        run.evaluate(state, step)
-        resumed_at = time.time()
+    state, step, preempted = _train_steps(
+        run, progress, history, state, train_data,
+        (compiled.executable, update.executable))
   finally:
     train_data.close()
   if preempted:
     return state, None
-  jax.block_until_ready(state)
-  train_seconds += time.time() - resumed_at
   eval_metrics = {}
-  last = settings.end_step >= run.planner.total_steps
-  if run.eval_at_stage_end or last:
+  if run.eval_at_stage_end or settings.end_step >= run.planner.total_steps:
     eval_metrics = run.evaluate(state, settings.end_step,
                                 run.stage_eval_split)
-  wall = elapsed_before + time.time() - stage_start
+  wall = progress.elapsed
   return state, progressive.StageResult(
-      settings=settings, train_metrics=metrics.stage_means(),
+      settings=settings, train_metrics=progress.metrics.stage_means(),
       eval_metrics=eval_metrics, eval_split=run.stage_eval_split,
       wall_time_s=wall, compile_time_s=compiled.seconds,
       images_per_sec=settings.num_steps * settings.batch_size / max(wall,
                                                                      1e-9),
-      step_time_s=train_seconds / max(1, step - first_step),
+      step_time_s=progress.train_seconds / max(1, step - first_step),
       compile_wait_s=waited, compile_cache_hit=compiled.cache_hit,
       update_compile_time_s=update.seconds, memory=memory)
+
+
+def _train_steps(run: Run, progress: _Progress, history, state, train_data,
+                 programs) -> tuple[Any, int, bool]:
+  """Steps to the stage's end or a SIGTERM; -> (state, step, preempted)."""
+  settings, every = progress.settings, run.schedule
+  gradient_program, update_program = programs
+  hparams = run.task.stage_hparams(settings)
+  on_non_finite = functools.partial(_stop_on_non_finite, run, settings)
+  step = settings.start_step + progress.batches
+  resumed_at = time.time()
+  while step < settings.end_step:
+    grads, batch_stats, step_metrics = gradient_program(
+        state, next(train_data), hparams)
+    state, update_metrics = update_program(state, grads, batch_stats,
+                                           hparams)
+    progress.metrics.add(step, dict(step_metrics, **update_metrics),
+                         settings.batch_size)
+    step += 1
+    progress.batches += 1
+    stage_end = step == settings.end_step
+    stop = run.preemption.should_stop(step)
+    want_log = step % every['log'] == 0 or stage_end
+    want_ckpt = (bool(every['checkpoint'] and step % every['checkpoint'] == 0)
+                 and not stage_end)
+    want_eval = bool(every['eval'] and step % every['eval'] == 0
+                     and not stage_end)
+    if want_log or want_ckpt or stop:
+      means = progress.metrics.read(on_non_finite)
+      if want_log and means:
+        _log_progress(run, settings, history, step, means)
+    if want_ckpt or stop or want_eval:
+      progress.train_seconds += time.time() - resumed_at
+    if want_ckpt or stop:
+      run.ckpt.save(step, state, run.checkpoint_meta(
+          step, settings, progress.batches, progress.elapsed,
+          progress.metrics.sums))
+    if stop:
+      run.ckpt.wait()
+      run.reporter.text(
+          f'SIGTERM: wrote a checkpoint at step {step} (stage '
+          f'{settings.index + 1}, batch {progress.batches}); stopping')
+      return state, step, True
+    if want_eval:
+      run.evaluate(state, step)
+    if want_ckpt or want_eval:
+      resumed_at = time.time()
+  jax.block_until_ready(state)
+  progress.train_seconds += time.time() - resumed_at
+  return state, step, False
+
+
+def _stop_on_non_finite(run: Run, settings, step: int, values) -> None:
+  run.ckpt.wait()
+  good = run.ckpt.latest_step()
+  kept = (f'the last good checkpoint is step {good} in {run.ckpt.directory}'
+          if good is not None else 'no checkpoint had been written')
+  raise NonFiniteLossError(
+      f'loss is {values["loss"]} at step {step + 1} (stage '
+      f'{settings.index + 1}/{settings.num_stages}, image size '
+      f'{settings.image_size}, learning rate '
+      f'{values["learning_rate"]:.4g}); training stopped and {kept}')
 
 
 def _log_progress(run: Run, settings, history, step: int,
