@@ -1,6 +1,5 @@
 """A validation split carved from train: `holdout` (config.data.holdout)."""
 
-import importlib.util
 import math
 import os
 
@@ -13,10 +12,10 @@ from effnetv2_jax import data
 from effnetv2_jax.data import sources
 from effnetv2_jax.training import config_checks
 from effnetv2_jax.training import recipes
+from config_files import load_config
 
 SINGLE = dict(process_index=0, process_count=1)
 HOLDOUT = data.HOLDOUT_SPLIT
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pixel_ids(images):
@@ -238,11 +237,7 @@ def test_validate_names_the_holdout_key(holdout):
 
 
 def _digits_config():
-  spec = importlib.util.spec_from_file_location(
-      'digits_config', os.path.join(REPO, 'configs', 'digits.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config('digits')
 
 
 def test_digits_config_trains_without_its_holdout_and_tests_on_test():

@@ -7,7 +7,6 @@ own, and library-style runs that must leave the process as they found it.
 
 import dataclasses
 import gc
-import importlib.util
 import os
 import signal
 import threading
@@ -28,9 +27,8 @@ from effnetv2_jax.training import schedules
 from effnetv2_jax.training import state as state_lib
 from effnetv2_jax.training import task as task_lib
 from effnetv2_jax.training import trainer
+from config_files import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, 'configs', 'tiny.py')
 ARCH = arch_lib.Architecture(
     name='task_test',
     stages=(arch_lib.parse_block_string('r1_k3_s1_e1_i8_o8_c1'),
@@ -165,17 +163,7 @@ def test_an_extra_network_trains_with_its_own_optimizer_ema_and_statistics():
 
 
 def _tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location('tiny_config', TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(None)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return load_config('tiny', **overrides)
 
 
 class _DrawingPlanner(progressive.StagePlanner):

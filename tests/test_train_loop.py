@@ -6,7 +6,6 @@ the stage steps load from it (which the resume test also checks).
 """
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -25,23 +24,14 @@ from effnetv2_jax.training import compilation
 from effnetv2_jax.training import config_checks
 from effnetv2_jax.training import progressive
 from effnetv2_jax.training import trainer
+from config_files import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 
 
 def _tiny_config(arg=None, **overrides):
-  spec = importlib.util.spec_from_file_location('tiny_config', TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return load_config('tiny', arg, **overrides)
 
 
 @pytest.fixture(scope='module')

@@ -17,25 +17,18 @@ updates BN statistics, evaluates the wrong weights or mis-schedules the
 learning rate stays far below it.
 """
 
-import importlib.util
 import os
 
 import pytest
 
 from effnetv2_jax.training import trainer
+from config_files import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_THRESHOLD = 0.95
 FULL_THRESHOLD = 0.97
 
-
 def _digits_config():
-  spec = importlib.util.spec_from_file_location(
-      'digits_config', os.path.join(REPO, 'configs', 'digits.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
+  return load_config('digits')
 
 def test_shortened_quickstart_reaches_95_percent(tmp_path):
   config = _digits_config()
@@ -51,7 +44,6 @@ def test_shortened_quickstart_reaches_95_percent(tmp_path):
         f"{summary['eval']['ema_top1']:.4f}, {summary['wall_time_s']:.0f}s")
   assert [s['settings']['image_size'] for s in summary['stages']] == [32]
   assert top1 >= SHORT_THRESHOLD, summary['eval']
-
 
 @pytest.mark.skipif(os.environ.get('EFFNETV2_FULL_QUICKSTART') != '1',
                     reason='set EFFNETV2_FULL_QUICKSTART=1 (3-5 minutes)')
