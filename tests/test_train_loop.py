@@ -22,6 +22,7 @@ import pytest
 from effnetv2_jax.training import checkpointing
 from effnetv2_jax.training import compilation
 from effnetv2_jax.training import config_checks
+from effnetv2_jax.training import loop
 from effnetv2_jax.training import progressive
 from effnetv2_jax.training import trainer
 from config_files import load_config
@@ -274,6 +275,32 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(
     assert summary['eval'][key] == ref_summary['eval'][key], key
   # The resumed run loaded its stage's step from the persistent cache.
   assert summary['stages'][-1]['compile_cache_hit']
+
+
+def test_ctrl_c_writes_a_checkpoint_and_stops_and_a_second_interrupts(
+    tmp_path, cache_dir):
+  workdir = str(tmp_path / 'run')
+  running = threading.Event()
+  running.set()
+  watcher = threading.Thread(target=_when_checkpoint, args=(
+      workdir, 2, lambda: os.kill(os.getpid(), signal.SIGINT),
+      running.is_set))
+  watcher.start()
+  try:
+    _, summary = trainer.train_and_evaluate(_resume_config(cache_dir),
+                                            workdir)
+  finally:
+    running.clear()
+    watcher.join()
+  assert summary['status'] == 'preempted'
+  assert _committed_steps(workdir)[-1] == summary['final_step'] < 40
+  watch = loop.PreemptionWatch()
+  with watch:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert watch.requested == 'SIGINT' and watch.should_stop(1)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is not watch._handle  # pylint: disable=protected-access
 
 
 # ---------------------------------------------------------------- NaN guard --

@@ -38,32 +38,39 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class PreemptionWatch:
-  """Turns SIGTERM (a TPU preemption notice) into a flag the loop polls."""
+  """Turns SIGTERM (a TPU preemption notice) or a first Ctrl-C into a flag
+  the loop polls: it writes a checkpoint and stops. A second Ctrl-C
+  interrupts at once."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: str | None = None  # the signal's name, once one came
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self._SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.requested == 'SIGINT':
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
       # Every host must stop (and save) at the same step.
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return (multihost_utils.reached_preemption_sync_point(step) or
-              self.requested)
-    return self.requested
+              self.requested is not None)
+    return self.requested is not None
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
     return False
 
 
@@ -216,7 +223,8 @@ class _Progress:
 def _run_stage(run: Run, settings: progressive.StageSettings, state,
                resume: checkpointing.ResumePoint | None):
   """Trains `settings` to its end (from where `resume` left it); ->
-  (state, its StageResult), or (state, None) when stopped by SIGTERM."""
+  (state, its StageResult), or (state, None) when asked to stop (SIGTERM,
+  Ctrl-C)."""
   run.reporter.text(settings.describe())
   progress = _Progress(
       settings, _Metrics(resume.stage_sums if resume else None),
@@ -252,7 +260,7 @@ def _run_stage(run: Run, settings: progressive.StageSettings, state,
 
 def _train_steps(run: Run, progress: _Progress, history, state, train_data,
                  programs) -> tuple[Any, int, bool]:
-  """Steps to the stage's end or a SIGTERM; -> (state, step, preempted)."""
+  """Steps to the stage's end or a stop request; -> (state, step, preempted)."""
   settings, every = progress.settings, run.schedule
   gradient_program, update_program = programs
   hparams = run.task.stage_hparams(settings)
@@ -288,8 +296,9 @@ def _train_steps(run: Run, progress: _Progress, history, state, train_data,
     if stop:
       run.ckpt.wait()
       run.reporter.text(
-          f'SIGTERM: wrote a checkpoint at step {step} (stage '
-          f'{settings.index + 1}, batch {progress.batches}); stopping')
+          f'{run.preemption.requested or "preemption"}: wrote a checkpoint '
+          f'at step {step} (stage {settings.index + 1}, batch '
+          f'{progress.batches}); stopping (the same command resumes)')
       return state, step, True
     if want_eval:
       run.evaluate(state, step)
