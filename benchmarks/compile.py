@@ -1,9 +1,14 @@
 """Train-step compile time per progressive stage, cold and cached, and memory.
 
-For each variant and each progressive stage's image size, the train step
-(benchmarks/workloads.py) is traced, lowered and compiled ahead of time, and
-the compiled program's memory estimate is read. Every scenario runs in a fresh
-process, so nothing compiled earlier in the parent is reused by accident:
+The trainer's train step is two programs of its `TrainTask`
+(benchmarks/workloads.py builds the task as the trainer does): the gradient
+program, one per stage's image size, and the update program (optimizer,
+EMA), one per run. Each is traced, lowered and compiled ahead of time in the
+trainer's order (the first stage's gradient program, the update program,
+then the later stages'), and its memory estimate is read; a stage's step
+memory is both programs' together, as the trainer's compile line gives it.
+Every scenario runs in a fresh process, so nothing compiled earlier in the
+parent is reused by accident:
 
   cold      empty persistent cache: trace + lower + XLA compile (on a GPU,
             convolution and GEMM autotuning included), stages in order in
@@ -12,7 +17,7 @@ process, so nothing compiled earlier in the parent is reused by accident:
             the cold run kept (what a restart after a model edit sees; GPU)
   cached    the persistent compilation cache of the cold run: trace + lower
             + cache read, what a restarted or resumed job pays per stage
-  exported  the step serialized with jax.export once per stage (by an untimed
+  exported  every program serialized with jax.export (by an untimed
             process that also fills the cache), then in a fresh process:
             deserialize + lower + cache read; no Python tracing at all
 
@@ -20,7 +25,7 @@ process, so nothing compiled earlier in the parent is reused by accident:
   python -m benchmarks.compile --variant s --batch 128 --stages 4
   python -m benchmarks.compile --variant tiny digits    # CPU: small configs
 
-Variants: the official names, and `tiny` / `digits` (the models of
+Variants: the official names, `tiny` / `digits` (the networks of
 configs/tiny.py and configs/digits.py) and `micro` (see workloads.py).
 """
 
@@ -88,8 +93,12 @@ def stage_sizes(train_size: int, stages: int, min_size: int = 128) -> list[int]:
 # Worker: one fresh process compiles every stage of one variant.
 
 
-def _export_paths(cache_dir: str, size: int) -> Path:
-  return Path(cache_dir) / f'train_step_{size}.jax_export'
+def _export_path(cache_dir: str, program: str) -> Path:
+  return Path(cache_dir) / f'{program}.jax_export'
+
+
+def _program_name(size: int | None) -> str:
+  return 'update' if size is None else f'gradient_{size}'
 
 
 def _worker(args) -> None:
@@ -101,82 +110,141 @@ def _worker(args) -> None:
   if args.export == 'load':
     return _load_exported(args)
   from benchmarks import workloads
-  backend = jax.default_backend()
-  dtype = workloads.resolve_dtype(args.dtype, backend)
-  architecture = architecture_for(args.variant[0])
+  from effnetv2_jax.models import xla_options
+  dtype = workloads.resolve_dtype(args.dtype, jax.default_backend())
   start = time.perf_counter()
-  model = workloads.JaxModel(architecture, dtype=dtype)
-  state = jax.eval_shape(model.init_train_state)
+  task = workloads.train_task(architecture_for(args.variant[0]), dtype=dtype)
   build_s = time.perf_counter() - start
-  step = model.jit_train_step()
   if args.export == 'save':
-    return _save_exported(args, model, state)
-  for size in args.size:
-    images = jax.ShapeDtypeStruct((args.batch, size, size, 3), 'float32')
-    labels = jax.ShapeDtypeStruct((args.batch,), 'int32')
-    rng = jax.eval_shape(lambda: jax.random.key(0))
+    return _save_exported(args, task)
+  # As the trainer: the first stage's gradient program, then the update
+  # program (once per run), then the later stages' gradient programs.
+  for size in _program_order(args.size):
+    kind, shape = ('update', ()) if size is None else (
+        'gradient', (args.batch, size))
+    abstract = task.abstract_args(kind, *shape)
     t0 = time.perf_counter()
-    traced = step.trace(state, images, labels, rng)
+    traced = task.jitted(kind).trace(*abstract)
     t1 = time.perf_counter()
     lowered = traced.lower()
     t2 = time.perf_counter()
-    from effnetv2_jax.models import xla_options
     compiled = xla_options.compile_lowered(lowered)
     t3 = time.perf_counter()
-    row = dict(image_size=size, trace_s=t1 - t0, lower_s=t2 - t1,
-               compile_s=t3 - t2, total_s=t3 - t0, build_s=build_s)
+    row = dict(program=kind, image_size=size, trace_s=t1 - t0,
+               lower_s=t2 - t1, compile_s=t3 - t2, total_s=t3 - t0,
+               build_s=build_s, **_sizes(kind, abstract))
     build_s = 0.0
     row.update(_memory(compiled))
     print('ROW ' + json.dumps(row), flush=True)
     _progress(row)
 
 
-def _memory(compiled) -> dict:
-  mem = compiled.memory_analysis()
-  if mem is None:
+def _program_order(sizes) -> list[int | None]:
+  """Image sizes of the gradient programs in compile order, with None (the
+  update program) after the first."""
+  return [sizes[0], None, *sizes[1:]]
+
+
+def _sizes(kind: str, args) -> dict:
+  """Bytes of the state and the batch, from a gradient program's
+  (state, batch, hparams) arguments."""
+  if kind != 'gradient':
     return {}
-  row = dict(argument_gib=mem.argument_size_in_bytes / 2**30,
-             output_gib=mem.output_size_in_bytes / 2**30,
-             temp_gib=mem.temp_size_in_bytes / 2**30,
-             alias_gib=mem.alias_size_in_bytes / 2**30,
-             code_mib=mem.generated_code_size_in_bytes / 2**20)
-  row['peak_gib'] = (row['argument_gib'] + row['output_gib'] + row['temp_gib']
-                     - row['alias_gib'])
-  return row
-
-
-def _save_exported(args, model, state) -> None:
-  """Serializes the train step per stage and compiles it once (filling the
-  persistent cache), as a trainer would at its first start."""
   import jax
-  leaves, treedef = jax.tree.flatten(state)
-  step = model.train_step_fn()
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize  # noqa: E731
+                            for x in jax.tree.leaves(tree))
+  return dict(state_bytes=nbytes(args[0]), batch_bytes=nbytes(args[1]))
 
-  def flat_step(leaves, images, labels, key_data):
-    # Flat arrays in and out: the exported calling convention cannot carry
-    # optax's state classes or typed PRNG keys.
-    new_state, loss = step(jax.tree.unflatten(treedef, leaves), images,
-                           labels, jax.random.wrap_key_data(key_data))
-    return jax.tree.leaves(new_state), loss
 
+def _memory(compiled) -> dict:
+  """The program's memory estimate: the trainer's bytes, and GiB columns."""
+  from effnetv2_jax.training import compilation
+  memory = compilation.memory_estimate(compiled)
+  if not memory:
+    return {}
+  gib = lambda key: memory.get(key, 0) / 2**30  # noqa: E731
+  return dict(memory_bytes=memory, peak_gib=_total_gib(memory),
+              temp_gib=gib('temp_size_in_bytes'),
+              alias_gib=gib('alias_size_in_bytes'),
+              code_mib=memory.get('generated_code_size_in_bytes', 0) / 2**20)
+
+
+def _total_gib(memory: dict) -> float:
+  """Arguments + outputs + temporaries - donated aliases."""
+  return (memory.get('argument_size_in_bytes', 0) +
+          memory.get('output_size_in_bytes', 0) +
+          memory.get('temp_size_in_bytes', 0) -
+          memory.get('alias_size_in_bytes', 0)) / 2**30
+
+
+def step_memory_gib(gradient_row: dict, update_row: dict) -> float | None:
+  """A train step's peak, the two programs run one after the other.
+
+  The whole state and the batch live through both; the gradients and
+  statistics from the gradient program's end to the update's; on top come
+  the larger of the gradient program's temporaries and what the update
+  program adds (its temporaries and non-donated outputs). The state comes
+  from the task's shapes, not from the programs' arguments: jit drops the
+  arguments a program does not read, and the gradient program reads
+  neither the optimizer slots nor the weight average.
+  """
+  gradient = gradient_row.get('memory_bytes')
+  update = update_row.get('memory_bytes')
+  if not gradient or not update:
+    return None
+  update_adds = (update.get('output_size_in_bytes', 0)
+                 - update.get('alias_size_in_bytes', 0)
+                 + update.get('temp_size_in_bytes', 0))
+  return (gradient_row['state_bytes'] + gradient_row['batch_bytes']
+          + gradient.get('output_size_in_bytes', 0)
+          + max(gradient.get('temp_size_in_bytes', 0), update_adds)) / 2**30
+
+
+def _flat_program(task, kind: str, *shape: int):
+  """`task`'s program with its state as a flat list of arrays in and out,
+  and its abstract arguments: the exported calling convention carries
+  neither the state's dataclasses nor the integer block keys of its dicts."""
+  import jax
+  args = task.abstract_args(kind, *shape)
+  treedefs = [jax.tree.structure(a) for a in args]
+  flat_args = [jax.tree.leaves(a) for a in args]
+  fn = task.gradient_step if kind == 'gradient' else task.update_step
+
+  def flat(*leaves):
+    out = fn(*(jax.tree.unflatten(t, x) for t, x in zip(treedefs, leaves)))
+    return jax.tree.leaves(out)
+
+  plain = [[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+           for leaves in flat_args]
+  return flat, plain
+
+
+def _save_exported(args, task) -> None:
+  """Serializes every program and compiles it once (filling the persistent
+  cache), as a trainer would at its first start."""
+  import jax
   from effnetv2_jax.models import onednn
-  for size in args.size:
-    exported = jax.export.export(jax.jit(flat_step, donate_argnums=(0,)),
-                                 disabled_checks=onednn.export_exemptions())(
-        leaves, jax.ShapeDtypeStruct((args.batch, size, size, 3), 'float32'),
-        jax.ShapeDtypeStruct((args.batch,), 'int32'),
-        jax.ShapeDtypeStruct((2,), 'uint32'))
-    _export_paths(args.cache_dir, size).write_bytes(exported.serialize())
-    _compile_exported(exported)
-    print('ROW ' + json.dumps(dict(image_size=size)), flush=True)
+  for size in _program_order(args.size):
+    kind, shape = ('update', ()) if size is None else (
+        'gradient', (args.batch, size))
+    flat, plain = _flat_program(task, kind, *shape)
+    donate = (0,) if kind == 'update' else ()
+    exported = jax.export.export(
+        jax.jit(flat, donate_argnums=donate),
+        disabled_checks=onednn.export_exemptions())(*plain)
+    _export_path(args.cache_dir, _program_name(size)).write_bytes(
+        exported.serialize())
+    _compile_exported(exported, donate)
+    print('ROW ' + json.dumps(dict(program=kind, image_size=size)),
+          flush=True)
 
 
-def _compile_exported(exported):
+def _compile_exported(exported, donate):
   import jax
   call_args, call_kwargs = jax.tree.unflatten(exported.in_tree,
                                               exported.in_avals)
-  lowered = jax.jit(exported.call, donate_argnums=(0,)).lower(*call_args,
-                                                               **call_kwargs)
+  lowered = jax.jit(exported.call, donate_argnums=donate).lower(
+      *call_args, **call_kwargs)
   from effnetv2_jax.models import xla_options
   return lowered, xla_options.compile_lowered(lowered)
 
@@ -184,26 +252,29 @@ def _compile_exported(exported):
 def _load_exported(args) -> None:
   import jax
   if jax.default_backend() == 'cpu':
-    # The step's oneDNN custom calls need their handlers registered; this is
-    # a process's start-up cost (a few ms from the kernel cache), not the
+    # The programs' oneDNN custom calls need their handlers registered; this
+    # is a process's start-up cost (a few ms from the kernel cache), not a
     # stage's, so it stays out of the timings.
     from effnetv2_jax.models import onednn
     onednn.status()
-  for size in args.size:
+  from effnetv2_jax.models import xla_options
+  for size in _program_order(args.size):
+    kind = 'update' if size is None else 'gradient'
+    donate = (0,) if kind == 'update' else ()
     t0 = time.perf_counter()
-    exported = jax.export.deserialize(
-        bytearray(_export_paths(args.cache_dir, size).read_bytes()))
+    exported = jax.export.deserialize(bytearray(
+        _export_path(args.cache_dir, _program_name(size)).read_bytes()))
     t1 = time.perf_counter()
     call_args, call_kwargs = jax.tree.unflatten(exported.in_tree,
                                                 exported.in_avals)
-    lowered = jax.jit(exported.call, donate_argnums=(0,)).lower(
+    lowered = jax.jit(exported.call, donate_argnums=donate).lower(
         *call_args, **call_kwargs)
     t2 = time.perf_counter()
-    from effnetv2_jax.models import xla_options
     compiled = xla_options.compile_lowered(lowered)
     t3 = time.perf_counter()
-    row = dict(image_size=size, trace_s=t1 - t0, lower_s=t2 - t1,
-               compile_s=t3 - t2, total_s=t3 - t0)
+    row = dict(program=kind, image_size=size, trace_s=t1 - t0,
+               lower_s=t2 - t1, compile_s=t3 - t2, total_s=t3 - t0,
+               **_sizes(kind, call_args))
     row.update(_memory(compiled))
     print('ROW ' + json.dumps(row), flush=True)
     _progress(row)
@@ -212,8 +283,10 @@ def _load_exported(args) -> None:
 def _progress(row: dict) -> None:
   """One stderr line per stage as it is done, so that a run cut short by a
   time limit still shows the stages it finished."""
+  what = ('update' if row['program'] == 'update' else
+          f'gradient {row["image_size"]}px')
   sys.stderr.write(
-      f'  {row["image_size"]}px: trace {row["trace_s"]:.2f} s, lower '
+      f'  {what}: trace {row["trace_s"]:.2f} s, lower '
       f'{row["lower_s"]:.2f} s, compile {row["compile_s"]:.1f} s'
       + (f', memory {row["peak_gib"]:.2f} GiB' if 'peak_gib' in row else '')
       + '\n')
@@ -231,10 +304,25 @@ def _run_worker(variant, sizes, args, cache_dir, export=None):
   what = f'compile worker for {variant}'
   rows, wall = harness.run_worker('benchmarks.compile', argv, mark='ROW ',
                                   what=what, timeout=args.timeout)
-  if len(rows) != len(sizes):
+  if len(rows) != len(sizes) + 1:
     raise harness.WorkerFailed(f'{what} reported {len(rows)} of '
-                               f'{len(sizes)} stages')
+                               f'{len(sizes) + 1} programs')
   return rows, wall
+
+
+def program_rows(worker_rows: list[dict], **common) -> list[dict]:
+  """A worker's rows as table rows: gradient programs numbered by stage and
+  given the step's memory, the update program unnumbered."""
+  update = next(r for r in worker_rows if r['program'] == 'update')
+  out, stage = [], 0
+  for r in worker_rows:
+    row = dict(common, mode='train', **r)
+    if r['program'] == 'gradient':
+      stage += 1
+      row['stage'] = stage
+      row['step_gib'] = step_memory_gib(r, update)
+    out.append(row)
+  return out
 
 
 def _clear_compiled(cache_dir: Path) -> None:
@@ -284,24 +372,29 @@ def main(argv=None) -> list[dict]:
                            batch=args.batch, dtype=dtype, device=device,
                            note=str(e)[:120]))
           continue
-        for stage, r in enumerate(stage_rows, 1):
-          rows.append(dict(variant=variant, scenario=scenario, stage=stage,
-                           batch=args.batch, dtype=dtype, device=device,
-                           mode='train', process_wall_s=wall, **r))
+        rows.extend(program_rows(stage_rows, variant=variant,
+                                 scenario=scenario, batch=args.batch,
+                                 dtype=dtype, device=device,
+                                 process_wall_s=wall))
 
   env = harness.environment(threads)
   env['compute_dtype'] = dtype
   columns = [('variant', 'variant'), ('scenario', 'scenario'),
-             ('stage', 'stage'), ('image_size', 'px'), ('batch', 'batch'),
-             ('trace_s', 'trace s'), ('lower_s', 'lower s'),
-             ('compile_s', 'compile s'), ('total_s', 'total s'),
-             ('peak_gib', 'memory GiB'), ('temp_gib', 'temp GiB'),
+             ('stage', 'stage'), ('program', 'program'), ('image_size', 'px'),
+             ('batch', 'batch'), ('trace_s', 'trace s'),
+             ('lower_s', 'lower s'), ('compile_s', 'compile s'),
+             ('total_s', 'total s'), ('peak_gib', 'memory GiB'),
+             ('step_gib', 'step memory GiB'), ('temp_gib', 'temp GiB'),
              ('note', 'note')]
-  notes = ('total = trace + lower + compile of the train step '
-           '(jit(...).trace/.lower/.compile), each scenario in a fresh '
-           'process (for "exported" the trace column is jax.export '
-           'deserialization); memory = arguments + outputs + temporaries - '
-           'donated aliases, from compiled.memory_analysis().')
+  notes = ('The trainer\'s two programs of a train step: the gradient '
+           'program per stage size, the update program (optimizer, EMA) '
+           'once, compiled after the first stage\'s as the trainer does. '
+           'total = trace + lower + compile (jit(...).trace/.lower/.compile), '
+           'each scenario in a fresh process (for "exported" the trace '
+           'column is jax.export deserialization); memory = arguments + '
+           'outputs + temporaries - donated aliases of the program, from '
+           'compiled.memory_analysis(); step memory = both programs run one '
+           'after the other, as the trainer\'s compile line gives it.')
   harness.report('compile', env, harness.markdown_table(rows, columns), args,
                  rows, notes)
   return rows

@@ -1,9 +1,11 @@
 """Where one train step (or inference) spends its time, per kernel or op.
 
-Builds our step, splits its first compile into trace / lower / compile, times
-steady-state steps, then profiles a few with jax.profiler and sums the device
-time per kernel (GPU) or per XLA op (CPU), grouped by name prefix (XLA's
-fusion kinds, cuDNN/cuBLAS kernels). This is the tool behind the GPU
+Builds the trainer's task (benchmarks/workloads.py), splits the compile of
+each of its programs (a train step: gradient, then update; inference: the
+eval program) into trace / lower / compile, times steady-state steps, then
+profiles a few with jax.profiler and sums the device time per kernel (GPU)
+or per XLA op (CPU), grouped by name prefix (XLA's fusion kinds,
+cuDNN/cuBLAS kernels). This is the tool behind the GPU
 investigation in benchmarks/README.md; each flag set is a fresh process, so
 compare flags by running it once per set:
 
@@ -125,35 +127,46 @@ def main(argv=None):
   architecture = workloads.architecture_for(variant)
 
   start = time.perf_counter()
-  model = workloads.JaxModel(architecture, dtype=dtype,
-                             conv_impl=args.conv_impl)
-  images, labels = workloads.synthetic_batch(batch, size)
-  rng = jax.random.key(1)
-  if mode == 'train':
-    fn, call_args = model.jit_train_step(), (model.init_train_state(), images,
-                                             labels, rng)
-  else:
-    fn, call_args = model.jit_infer(), (model.param_leaves, model.stat_leaves,
-                                        images)
+  task = workloads.train_task(architecture, dtype=dtype,
+                              conv_impl=args.conv_impl)
+  state = task.init_sharded()
   t_build = time.perf_counter() - start
-  t0 = time.perf_counter()
-  traced = fn.trace(*call_args)
-  t1 = time.perf_counter()
-  lowered = traced.lower()
-  t2 = time.perf_counter()
-  compiled = (lowered.compile() if args.default_xla_options
-              else xla_options.compile_lowered(lowered))
-  t3 = time.perf_counter()
+  # The trainer's programs: gradient then update for a train step, the
+  # eval program for inference.
+  programs = ([('gradient', (batch, size)), ('update', ())]
+              if mode == 'train' else [('eval', (batch, size))])
+  compiled, phases = {}, []
+  for kind, shape in programs:
+    t0 = time.perf_counter()
+    traced = task.jitted(kind).trace(*task.abstract_args(kind, *shape))
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled[kind] = (lowered.compile() if args.default_xla_options
+                      else xla_options.compile_lowered(lowered))
+    t3 = time.perf_counter()
+    phases.append(f'{kind}: trace {t1 - t0:.1f} s, lower {t2 - t1:.1f} s, '
+                  f'compile {t3 - t2:.1f} s')
   if args.dump_hlo:
-    Path(args.dump_hlo).write_text(compiled.as_text())
-  holder = [call_args]
+    Path(args.dump_hlo).write_text('\n\n'.join(
+        f'// {kind} program\n{c.as_text()}' for kind, c in compiled.items()))
+  data = workloads.synthetic_batch(task, batch, size,
+                                   with_mask=mode != 'train')
+  if mode == 'train':
+    hparams = workloads.stage_hparams(
+        task, batch, dropout_rate=architecture.dropout_rate)
+    train = workloads.train_step(compiled['gradient'], compiled['update'])
+    holder = [state]
 
-  def step():
-    if mode == 'train':
-      state, loss = compiled(*holder[0])
-      holder[0] = (state,) + holder[0][1:]
-      return loss
-    return compiled(*call_args)
+    def step():
+      holder[0], metrics = train(holder[0], data, hparams)
+      return metrics
+  else:
+    params, stats = state.params, state.batch_stats
+
+    def step():
+      return compiled['eval'](params, stats, data)
+  del state
 
   for _ in range(3):
     jax.block_until_ready(step())
@@ -173,8 +186,7 @@ def main(argv=None):
           f'{jax.devices()[0].device_kind}, conv_impl {args.conv_impl}, '
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, compiler options "
           f"{'XLA defaults' if args.default_xla_options else xla_options.compiler_options()}\n"
-          f'build {t_build:.1f} s, trace {t1 - t0:.1f} s, lower {t2 - t1:.1f} s, '
-          f'compile {t3 - t2:.1f} s\n'
+          f'build and init {t_build:.1f} s; {"; ".join(phases)}\n'
           f'step {1e3 * median:.2f} ms (min {1e3 * min(times):.2f}, max '
           f'{1e3 * max(times):.2f}), {batch / median:,.0f} img/s')
   if peak:

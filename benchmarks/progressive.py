@@ -10,12 +10,13 @@ first step (a new program's first execution) and steady-state steps, with the
 step count from which the run reaches 90% of the prediction. Each stage's
 figures are printed to stderr as it ends.
 
-The training loop is self-contained and synthetic, and says so in its rows:
-the train step of benchmarks/workloads.py on random images from a small
-host-side pipeline (a few batches generated per stage, then cycled, copied to
-the device two steps ahead). A pipeline rebuild stops that producer and starts
-one for the new size, as a trainer rebuilds its tf.data pipeline per stage.
-Augmentation cost is not modelled.
+The loop is the trainer's stepping on synthetic data, and says so in its
+rows: the trainer's `TrainTask` (benchmarks/workloads.py), its gradient
+program per stage size and its update program once, on random images from a
+small host-side pipeline (a few batches generated per stage, then cycled,
+copied to the device two steps ahead). A pipeline rebuild stops that producer
+and starts one for the new size, as a trainer rebuilds its tf.data pipeline
+per stage. Augmentation, checkpoints and evals are not modelled.
 
   python -m benchmarks.progressive                  # tiny on CPU, S on GPU
   python -m benchmarks.progressive --variant s --steps 400 --batch 128
@@ -91,29 +92,30 @@ def architecture_for(name: str):
 
 
 class SyntheticPipeline:
-  """Host-side producer of random batches at one size, two batches ahead."""
+  """Host-side producer of random batches at one size, two batches ahead,
+  placed as the task places batches (images, one-hot labels)."""
 
-  def __init__(self, batch: int, size: int, num_classes: int, pool: int = 4,
+  def __init__(self, task, batch: int, size: int, pool: int = 4,
                seed: int = 0):
     import jax
     import numpy as np
     rng = np.random.default_rng(seed)
+    eye = np.eye(task.model.num_classes, dtype=np.float32)
     self._batches = [
-        ((rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-          .astype(np.float32) - 127.5) / 127.5,
-         rng.integers(0, num_classes, (batch,)).astype(np.int32))
+        {'image': (rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+                   .astype(np.float32) - 127.5) / 127.5,
+         'label': eye[rng.integers(0, task.model.num_classes, batch)]}
         for _ in range(pool)]
     self._queue = queue.Queue(maxsize=2)
     self._stop = threading.Event()
-    self._device_put = jax.device_put
+    self._put = lambda item: jax.device_put(item, task.batch_sharding)
     self._thread = threading.Thread(target=self._produce, daemon=True)
     self._thread.start()
 
   def _produce(self):
     i = 0
     while not self._stop.is_set():
-      images, labels = self._batches[i % len(self._batches)]
-      item = (self._device_put(images), self._device_put(labels))
+      item = self._put(self._batches[i % len(self._batches)])
       while not self._stop.is_set():
         try:
           self._queue.put(item, timeout=0.1)
@@ -139,21 +141,19 @@ def _worker(args) -> None:
   spec = json.loads(args.worker)
   plan = [tuple(p) for p in spec['plan']]
   dtype = workloads.resolve_dtype(args.dtype, jax.default_backend())
-  model = workloads.JaxModel(architecture_for(spec['variant']), dtype=dtype)
-  state = model.init_train_state()
-  step = model.jit_train_step()
-  abstract_state = jax.eval_shape(lambda: state)
-  rng = jax.random.key(0)
+  architecture = architecture_for(spec['variant'])
+  task = workloads.train_task(architecture, dtype=dtype)
+  state = task.init_sharded()
   batch = spec['batch']
 
   def compile_for(size):
-    images = jax.ShapeDtypeStruct((batch, size, size, 3), 'float32')
-    labels = jax.ShapeDtypeStruct((batch,), 'int32')
-    from effnetv2_jax.models import xla_options
-    return xla_options.compile_lowered(
-        step.lower(abstract_state, images, labels, rng))
+    return workloads.compile_program(task, 'gradient', batch, size)
 
+  # As the trainer: each stage's gradient program, and one update program
+  # for the run, compiled right after the first stage's (its time counts
+  # as the first stage's compile).
   compiled, threads, stages = {}, {}, []
+  update = None
   mode = spec['precompile']
   t_ahead = 0.0
   if mode == 'ahead':
@@ -161,6 +161,8 @@ def _worker(args) -> None:
     for size, _ in plan:
       if size not in compiled:
         compiled[size] = compile_for(size)
+      if update is None:
+        update = workloads.compile_program(task, 'update')
     t_ahead = time.perf_counter() - start
 
   def background(size):
@@ -171,38 +173,44 @@ def _worker(args) -> None:
     threads[size] = thread
 
   run_start = time.perf_counter()
+  done = 0
   for k, (size, count) in enumerate(plan):
     start = time.perf_counter()
     if size in threads:
       threads.pop(size).join()
     if size not in compiled:
       compiled[size] = compile_for(size)
+    if update is None:
+      update = workloads.compile_program(task, 'update')
     t_compile = time.perf_counter() - start
     if mode == 'background' and k + 1 < len(plan):
       nxt = plan[k + 1][0]
       if nxt not in compiled and nxt not in threads:
         background(nxt)
+    hparams = workloads.stage_hparams(
+        task, batch, dropout_rate=architecture.dropout_rate, start_step=done)
     start = time.perf_counter()
-    pipeline = SyntheticPipeline(batch, size, model.num_classes, seed=k)
-    images, labels = pipeline.next()
+    pipeline = SyntheticPipeline(task, batch, size, seed=k)
+    data = pipeline.next()
     t_rebuild = time.perf_counter() - start
     # The first execution of a new program is timed apart from the rest: on
     # a GPU it loads the program and sets up its library calls (the H100
     # train step's first step took ~20 s more than its compile), which is a
     # per-stage cost like the compile, not a slower step.
-    run = compiled[size]
+    step = workloads.train_step(compiled[size], update)
     start = time.perf_counter()
-    state, loss = run(state, images, labels, rng)
-    jax.block_until_ready(loss)
+    state, metrics = step(state, data, hparams)
+    jax.block_until_ready(metrics)
     t_first = time.perf_counter() - start
     overlapped = any(t.is_alive() for t in threads.values())
     start = time.perf_counter()
     for i in range(1, count):
-      images, labels = pipeline.next()
-      state, loss = run(state, images, labels, rng)
-    jax.block_until_ready(loss)
+      data = pipeline.next()
+      state, metrics = step(state, data, hparams)
+    jax.block_until_ready(metrics)
     t_steps = time.perf_counter() - start
     pipeline.close()
+    done += count
     stage = dict(image_size=size, steps=count, compile_s=t_compile,
                  rebuild_s=t_rebuild, first_step_s=t_first, steps_s=t_steps,
                  step_ms=1e3 * t_steps / max(count - 1, 1),

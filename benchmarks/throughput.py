@@ -15,13 +15,15 @@ frameworks run to what the cores can do).
   python -m benchmarks.throughput --variant s --size 300 --batch 128 --mode train
   python -m benchmarks.throughput --quick --json       # seconds; rows as JSON
 
-Implementations (--impls): ours (effnetv2_jax, conv_impl='auto'), ours-xla and
-ours-shifted (ours with conv_impl='xla' or 'shifted': on CPU, the forms
-without the oneDNN convolutions), timm (tf_efficientnetv2_*, eager, channels_last),
-timm-compile (the same under torch.compile), timm-native (timm's
-PyTorch-padding efficientnetv2_*, where it exists) and keras
-(keras.applications, inference only). References that are not installed are
-listed as unavailable, not failed.
+Implementations (--impls): ours (the trainer's step: its `TrainTask`'s
+gradient and update programs, and its eval program for inference;
+conv_impl='auto'; benchmarks/workloads.py), ours-xla and ours-shifted (ours
+with conv_impl='xla' or 'shifted': on CPU, the forms without the oneDNN
+convolutions), timm (tf_efficientnetv2_*, eager, channels_last, with timm's
+EMA in the train step), timm-compile (the same under torch.compile),
+timm-native (timm's PyTorch-padding efficientnetv2_*, where it exists) and
+keras (keras.applications, inference only). References that are not
+installed are listed as unavailable, not failed.
 """
 
 from __future__ import annotations

@@ -1,19 +1,21 @@
-"""The timed workloads: our train step and inference, and the references'.
+"""The timed workloads: the trainer's programs and the references'.
 
-Our train step is self-contained (the trainer in effnetv2_jax/training is not
-used, so the benchmarks measure the model alone): forward, label-smoothed
-cross-entropy plus the official L2 term on kernels, backward, and the official
-TF1-style RMSProp update (optax.rmsprop with ms initialised to 1, eps 1e-3
-inside the square root, learning rate inside the momentum), all in one jitted
-function that donates its state. Data is synthetic and already on the device.
-
-The state crosses the jit boundary as flat lists of arrays: flattening NNX
-Variables on every call costs tens of milliseconds of Python per step with
-~800 variables, which is not the model's cost.
+Ours is the trainer's own `TrainTask` (effnetv2_jax/training/task.py), built
+from `recipes.base_config()` by `task_from_config` as every experiment config
+is: the official TF1 RMSProp with L2 on kernels, label smoothing 0.1, the
+weight average (EMA 0.9999), stochastic depth 0.2 and the architecture's
+dropout. A train step is what the trainer's loop runs: the compiled gradient
+program (forward and backward), then the compiled update program
+(optimizer, EMA, step counter), which donates the state. Inference is the
+task's eval program (the model in eval mode, plus the eval sums). All are
+compiled with `xla_options`, as the trainer's `Compiler` does, on one device,
+with a synthetic batch already there.
 
 The timm reference runs the same step shape: channels_last, autocast to
-bfloat16 where asked, label-smoothed cross-entropy, timm's `RMSpropTF` in its
-multi-tensor form.
+bfloat16 where asked, label-smoothed cross-entropy, timm's `RMSpropTF` with
+its L2 weight decay in the multi-tensor form, and timm's own weight average
+(`ModelEmaV3`, parameters and buffers, what its train.py's `--model-ema`
+runs).
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ LABEL_SMOOTHING = 0.1
 WEIGHT_DECAY = 1e-5
 DROP_PATH_RATE = 0.2  # the model's default stochastic depth
 LEARNING_RATE = 0.016  # the official lr_base at batch 256; value irrelevant
+EMA_DECAY = 0.9999
 NUM_CLASSES = 1000
+# Converts steps to epochs in the learning-rate schedule; speed does not
+# depend on it.
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
 def jax_backend() -> str:
@@ -49,23 +55,14 @@ SMALL_MODELS = ('micro', 'tiny', 'digits')
 
 
 def architecture_for(name: str):
-  """An official variant, or `tiny` / `digits` (copies of the architectures
-  in configs/tiny.py and configs/digits.py, which import ml_collections;
-  tests/test_benchmarks.py keeps the copies equal), or `micro` (two blocks,
-  for --quick runs)."""
-  from effnetv2_jax.models import arch
+  """An official variant, `tiny` / `digits` (the networks of configs/tiny.py
+  and configs/digits.py, from `effnetv2_jax.models.small`), or `micro` (two
+  blocks, for --quick runs)."""
+  from effnetv2_jax.models import arch, small
   if name in arch.VARIANTS:
     return arch.get_architecture(name)
-  if name == 'tiny':
-    return arch.Architecture(
-        name='tiny', stages=(
-            arch.parse_block_string('r1_k3_s1_e1_i8_o8_c1'),
-            arch.parse_block_string('r2_k3_s2_e2_i8_o16_se0.25')),
-        head_channels=32, dropout_rate=0.1, train_size=24, eval_size=32)
-  if name == 'digits':
-    return arch.scaled(arch.get_architecture('s'), width=0.25, depth=0.25,
-                       head_channels=128, name='s_digits').replace(
-                           train_size=32, eval_size=32, dropout_rate=0.2)
+  if name in small.ARCHITECTURES:
+    return small.ARCHITECTURES[name]
   if name == 'micro':
     return arch.Architecture(
         name='micro', stages=(
@@ -77,152 +74,87 @@ def architecture_for(name: str):
 
 
 # --------------------------------------------------------------------------
-# Ours.
+# Ours: the trainer's task.
 
 
-def _kernel_mask(tree) -> list[bool]:
-  """Per leaf: is it a weight matrix/kernel (L2-regularised)?"""
-  import jax
-  mask = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    mask.append(bool(names) and names[-1] == 'kernel')
-  return mask
+def train_task(architecture, *, dtype: str, conv_impl: str = 'auto',
+               num_classes: int = NUM_CLASSES):
+  """The `TrainTask` the trainer builds for `architecture`, on one device.
 
-
-def rmsprop_tf(learning_rate=LEARNING_RATE):
-  """TF1 RMSPropOptimizer(decay=0.9, momentum=0.9, epsilon=1e-3) in optax."""
-  import optax
-  return optax.rmsprop(learning_rate, decay=0.9, eps=1e-3, initial_scale=1.0,
-                       eps_in_sqrt=True, momentum=0.9)
-
-
-def _fill(abstract_state, seed):
-  """Concrete values for an abstract model state, drawn with numpy.
-
-  Eager `create_model` compiles one random-normal program per distinct
-  parameter shape (1-2 s each on XLA:CPU, a minute for S), and speed does not
-  depend on the values as long as they are sane: kernels get the model's
-  fan-out normal scale, BN scale/var 1, biases and means 0.
+  The config is `recipes.base_config()` with only the network changed, so
+  the optimizer, L2 mask, loss, weight average and stochastic depth are
+  the trainer's defaults. The mesh holds the first device alone, as the
+  references run on one.
   """
-  import math
+  import jax
+  import jax.numpy as jnp
+  from effnetv2_jax.training import mesh as mesh_lib
+  from effnetv2_jax.training import recipes
+  from effnetv2_jax.training import task as task_lib
+  config = recipes.base_config()
+  config.model.arch = architecture.to_dict()
+  config.model.num_classes = num_classes
+  config.model.dtype = dtype
+  config.model.conv_impl = conv_impl
+  mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  model = task_lib.model_spec_from_config(config, num_classes=num_classes,
+                                          dtype=jnp.dtype(dtype))
+  return task_lib.task_from_config(
+      config, mesh=mesh, model=model,
+      num_train_examples=IMAGENET_TRAIN_EXAMPLES,
+      total_epochs=config.train.epochs)
+
+
+def compile_program(task, kind: str, *shape: int):
+  """`task`'s 'gradient', 'update' or 'eval' program, compiled ahead of time
+  with the trainer's compiler options."""
+  from effnetv2_jax.models import xla_options
+  return xla_options.compile_lowered(task.lower(kind, *shape))
+
+
+def stage_hparams(task, batch: int, *, dropout_rate: float,
+                  start_step: int = 0):
+  """The traced scalars of a stage starting at `start_step`."""
+  return task.hparams(
+      batch_size=batch, start_step=start_step,
+      start_epoch=start_step * batch / task.num_train_examples,
+      dropout_rate=dropout_rate)
+
+
+def synthetic_batch(task, batch: int, size: int, *, with_mask=False, seed=0):
+  """Normal images [B, size, size, 3] and one-hot labels (and an all-ones
+  eval mask), float32, placed as the task places batches."""
   import jax
   import numpy as np
   rng = np.random.default_rng(seed)
-
-  def value(path, leaf):
-    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    name = names[-1] if names else ''
-    if name == 'kernel':
-      fan_out = math.prod(leaf.shape[:-2]) * (
-          1 if len(leaf.shape) == 4 and leaf.shape[2] == 1 else leaf.shape[-1])
-      x = rng.standard_normal(leaf.shape) * math.sqrt(2.0 / fan_out)
-    elif name in ('scale', 'var'):
-      x = np.ones(leaf.shape)
-    else:
-      x = np.zeros(leaf.shape)
-    # Cast in numpy: a float64 -> float32 cast in jax compiles per shape.
-    return jax.device_put(np.asarray(x, dtype=leaf.dtype))
-
-  return jax.tree_util.tree_map_with_path(value, abstract_state)
+  num_classes = task.model.num_classes
+  out = {
+      'image': rng.standard_normal((batch, size, size, 3), np.float32),
+      'label': np.eye(num_classes, dtype=np.float32)[
+          rng.integers(0, num_classes, batch)]}
+  if with_mask:
+    out['mask'] = np.ones((batch,), np.float32)
+  return jax.device_put(out, task.batch_sharding)
 
 
-class JaxModel:
-  """Our model split into a graph and flat state, with jitted steps.
+def train_step(gradient, update):
+  """(state, batch, hparams) -> (state, metrics): the two compiled programs
+  one after the other, as the trainer's loop calls them."""
 
-  Parameters come from `_fill` (numpy) rather than the model's own init, so
-  building S takes a second instead of compiling ~100 random programs.
-  """
+  def step(state, batch, hparams):
+    grads, batch_stats, metrics = gradient(state, batch, hparams)
+    state, update_metrics = update(state, grads, batch_stats, hparams)
+    return state, (metrics, update_metrics)
 
-  def __init__(self, architecture, *, dtype: str, conv_impl='auto',
-               num_classes=NUM_CLASSES, seed=0):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from effnetv2_jax.models import create_model
-    self.num_classes = num_classes
-    abstract = nnx.eval_shape(lambda: create_model(
-        architecture, num_classes, rngs=seed, dtype=jnp.dtype(dtype),
-        conv_impl=conv_impl))
-    self.graphdef, params, stats = nnx.split(abstract, nnx.Param,
-                                             nnx.BatchStat)
-    params, stats = _fill(params, seed), _fill(stats, seed)
-    self.param_leaves, self.param_def = jax.tree.flatten(params)
-    self.stat_leaves, self.stat_def = jax.tree.flatten(stats)
-    self.decay_mask = _kernel_mask(params)
-    self.tx = rmsprop_tf()
-
-  def _merge(self, param_leaves, stat_leaves):
-    import jax
-    from flax import nnx
-    return nnx.merge(self.graphdef,
-                     jax.tree.unflatten(self.param_def, param_leaves),
-                     jax.tree.unflatten(self.stat_def, stat_leaves))
-
-  def init_train_state(self):
-    import jax
-    opt_state = jax.jit(self.tx.init)(self.param_leaves)
-    return (list(self.param_leaves), list(self.stat_leaves), opt_state)
-
-  def train_step_fn(self):
-    """Pure (state, images, labels, rng) -> (state, loss), not yet jitted."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    def loss_fn(param_leaves, stat_leaves, images, labels, rng):
-      model = self._merge(param_leaves, stat_leaves)
-      logits = model(images, training=True, rng=rng)
-      targets = optax.smooth_labels(
-          jax.nn.one_hot(labels, self.num_classes), LABEL_SMOOTHING)
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
-      l2 = sum(jnp.sum(jnp.square(p)) for p, m in
-               zip(param_leaves, self.decay_mask) if m)
-      new_stats = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
-      return loss + WEIGHT_DECAY * 0.5 * l2, new_stats
-
-    def step(state, images, labels, rng):
-      param_leaves, stat_leaves, opt_state = state
-      (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          param_leaves, stat_leaves, images, labels, rng)
-      updates, opt_state = self.tx.update(grads, opt_state, param_leaves)
-      param_leaves = optax.apply_updates(param_leaves, updates)
-      return (param_leaves, new_stats, opt_state), loss
-
-    return step
-
-  def jit_train_step(self):
-    import jax
-    from effnetv2_jax.models import xla_options
-    return jax.jit(self.train_step_fn(), donate_argnums=(0,),
-                   compiler_options=xla_options.compiler_options())
-
-  def jit_infer(self):
-    import jax
-    from effnetv2_jax.models import xla_options
-
-    def infer(param_leaves, stat_leaves, images):
-      return self._merge(param_leaves, stat_leaves)(images, training=False)
-
-    return jax.jit(infer, compiler_options=xla_options.compiler_options())
-
-
-def synthetic_batch(batch: int, size: int, num_classes=NUM_CLASSES, seed=0):
-  """Normal images [B, size, size, 3] float32 and labels, on the device."""
-  import jax
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  images = jax.random.normal(k1, (batch, size, size, 3), 'float32')
-  labels = jax.random.randint(k2, (batch,), 0, num_classes)
-  return images, labels
+  return step
 
 
 def jax_runner(name: str, architecture, *, size: int, batch: int, mode: str,
                dtype: str, conv_impl='auto') -> Runner:
   import time
   import jax
-  model = JaxModel(architecture, dtype=dtype, conv_impl=conv_impl)
-  images, labels = synthetic_batch(batch, size)
+  task = train_task(architecture, dtype=dtype, conv_impl=conv_impl)
+  state = task.init_sharded()
 
   def sync(out):
     jax.block_until_ready(out)
@@ -231,22 +163,28 @@ def jax_runner(name: str, architecture, *, size: int, batch: int, mode: str,
   # (program load, library set-up: ~20 s for S's train step on an H100) is
   # reported apart from the compile.
   if mode == 'infer':
-    params, stats = model.param_leaves, model.stat_leaves
+    params, stats = state.params, state.batch_stats
+    del state
+    data = synthetic_batch(task, batch, size, with_mask=True)
     start = time.perf_counter()
-    infer = model.jit_infer().lower(params, stats, images).compile()
+    evaluate = compile_program(task, 'eval', batch, size)
     compile_s = time.perf_counter() - start
-    return Runner(name, lambda: infer(params, stats, images), sync,
+    return Runner(name, lambda: evaluate(params, stats, data), sync,
                   compile_s=compile_s)
 
-  holder = [model.init_train_state()]
-  rng = jax.random.key(1)
+  data = synthetic_batch(task, batch, size)
+  hparams = stage_hparams(task, batch,
+                          dropout_rate=architecture.dropout_rate)
   start = time.perf_counter()
-  step = model.jit_train_step().lower(holder[0], images, labels, rng).compile()
+  step = train_step(compile_program(task, 'gradient', batch, size),
+                    compile_program(task, 'update'))
   compile_s = time.perf_counter() - start
+  holder = [state]
+  del state
 
   def run():
-    holder[0], loss = step(holder[0], images, labels, rng)
-    return loss
+    holder[0], metrics = step(holder[0], data, hparams)
+    return metrics
 
   def close():
     holder.clear()
@@ -260,7 +198,6 @@ def measure_matmul_peak(dtype: str) -> float:
   the vector units' rate, small enough to take a second)."""
   import time
   import jax
-  import jax.numpy as jnp
   on_cpu = jax.default_backend() == 'cpu'
   n, calls = (2048, 3) if on_cpu else (8192, 10)
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
@@ -297,6 +234,7 @@ def import_timm():
     import_timm._keep = lib  # the schemas live as long as the library object
   import timm
   import timm.optim  # noqa: F401 - not imported by `import timm`
+  import timm.utils  # noqa: F401
   return timm
 
 
@@ -354,6 +292,9 @@ def torch_runner(name: str, variant: str, *, size: int, batch: int, mode: str,
   model.train()
   opt = _torch_rmsprop(timm, model.parameters())
   criterion = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+  # timm's train.py --model-ema: a multi-tensor lerp of every parameter and
+  # buffer after each optimizer step, the work of our update's EMA.
+  ema = timm.utils.ModelEmaV3(model, decay=EMA_DECAY)
 
   def train():
     with autocast():
@@ -361,9 +302,10 @@ def torch_runner(name: str, variant: str, *, size: int, batch: int, mode: str,
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    ema.update(model)
     return loss
 
-  return Runner(name, train, sync, _torch_close(model, opt))
+  return Runner(name, train, sync, _torch_close(model, ema, opt))
 
 
 def _torch_rmsprop(timm, params):

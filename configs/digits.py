@@ -32,13 +32,10 @@ the oneDNN convolutions, ~5 s), 1.1 minutes for a second run; 4.4 minutes
 when the machine was oversubscribed (load average 11, an older version).
 """
 
-from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.models import small
 from effnetv2_jax.training import recipes
 
-DIGITS_ARCH = arch_lib.scaled(
-    arch_lib.get_architecture('s'), width=0.25, depth=0.25,
-    head_channels=128, name='s_digits').replace(
-        train_size=32, eval_size=32, dropout_rate=0.2)
+DIGITS_ARCH = small.DIGITS
 
 
 def get_config(arg=None):

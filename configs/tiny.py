@@ -10,15 +10,10 @@ channels, a handful of steps, evaluation at 32 px, checkpoints every 2 steps.
 Expected result: none; the loss is finite and the run resumes exactly.
 """
 
-from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.models import small
 from effnetv2_jax.training import recipes
 
-TINY_ARCH = arch_lib.Architecture(
-    name='tiny',
-    stages=(arch_lib.parse_block_string('r1_k3_s1_e1_i8_o8_c1'),
-            arch_lib.parse_block_string('r2_k3_s2_e2_i8_o16_se0.25')),
-    head_channels=32, dropout_rate=0.1, train_size=24, eval_size=32,
-    normalization='inception')
+TINY_ARCH = small.TINY
 
 
 def get_config(arg=None):

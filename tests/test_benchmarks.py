@@ -85,16 +85,27 @@ def test_throughput_quick_references(script_env):
 
 def test_compile_quick_rows(script_env):
   rows, _ = _run('compile', [], script_env)
-  assert [(r['scenario'], r['stage']) for r in rows] == [
-      ('cold', 1), ('cached', 1), ('exported', 1)]
+  # The trainer's order: the first stage's gradient program, then the
+  # update program.
+  assert [(r['scenario'], r.get('stage'), r['program']) for r in rows] == [
+      (scenario, stage, program)
+      for scenario in ('cold', 'cached', 'exported')
+      for stage, program in ((1, 'gradient'), (None, 'update'))]
   for r in rows:
     assert r['mode'] == 'train' and r['variant'] == 'micro'
-    assert r['image_size'] == 32
+    assert r['image_size'] == (32 if r['program'] == 'gradient' else None)
     assert r['total_s'] >= r['compile_s'] > 0
     assert r['peak_gib'] > 0
-  # Memory depends on the program, not on how it was obtained.
-  assert rows[0]['peak_gib'] == pytest.approx(rows[1]['peak_gib'])
-  assert rows[0]['peak_gib'] == pytest.approx(rows[2]['peak_gib'], rel=0.05)
+  gradient = [r for r in rows if r['program'] == 'gradient']
+  update = [r for r in rows if r['program'] == 'update']
+  # A step holds the whole state, which the gradient program's arguments
+  # leave out in part (the optimizer slots and the weight average).
+  assert all(g['step_gib'] > max(g['peak_gib'], u['peak_gib'])
+             for g, u in zip(gradient, update))
+  # Memory depends on the programs, not on how they were obtained.
+  assert gradient[0]['peak_gib'] == pytest.approx(gradient[1]['peak_gib'])
+  for g in gradient[1:]:
+    assert g['step_gib'] == pytest.approx(gradient[0]['step_gib'], rel=0.05)
 
 
 def test_progressive_quick_rows(script_env):
@@ -137,20 +148,44 @@ def test_official_stage_sizes_and_progressive_schedule():
   assert sum(n for _, n in plan) == 10
 
 
-def test_small_architectures_match_the_configs():
+def test_timed_train_step_is_the_trainers_update():
+  """One benchmark step moves what the trainer's step moves: the step
+  counter, the parameters, the optimizer slots and the weight average."""
+  import jax
+  import numpy as np
   from benchmarks import workloads
-  from configs.digits import DIGITS_ARCH
-  from configs.tiny import TINY_ARCH
-  assert workloads.architecture_for('tiny') == TINY_ARCH
-  assert workloads.architecture_for('digits') == DIGITS_ARCH
+  task = workloads.train_task(workloads.architecture_for('micro'),
+                              dtype='float32', num_classes=10)
+  step = workloads.train_step(
+      workloads.compile_program(task, 'gradient', 2, 32),
+      workloads.compile_program(task, 'update'))
+  before = jax.device_get(task.init_sharded())
+  # One epoch into the warmup: a learning rate above 0.
+  hparams = task.hparams(batch_size=2, start_step=0, start_epoch=1.0,
+                         dropout_rate=0.1)
+  after, (metrics, _) = step(jax.device_put(before, task.shardings),
+                             workloads.synthetic_batch(task, 2, 32), hparams)
+  after = jax.device_get(after)
+  assert int(after.step) == 1 and np.isfinite(float(metrics['loss']))
+  for part in ('params', 'opt_state', 'ema_params', 'ema_batch_stats'):
+    changed = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(getattr(before, part)),
+        jax.tree.leaves(getattr(after, part)))]
+    assert any(changed), part
 
 
 def test_benchmark_modules_import_no_tensorflow_or_ml_collections():
+  # ml_collections comes with the trainer's config, when ours is built;
+  # tensorflow, tfds and clu never.
   code = ('import sys; from benchmarks import compile, harness, macs, '
           'profile_step, progressive, throughput, workloads; '
+          'heavy = ("tensorflow", "tensorflow_datasets", "clu"); '
           'workloads.architecture_for("digits"); '
-          'bad = [m for m in ("tensorflow", "tensorflow_datasets", "clu", '
-          '"ml_collections") if m in sys.modules]; print(bad); '
+          'bad = [m for m in heavy + ("ml_collections",) if m in '
+          'sys.modules]; '
+          'workloads.train_task(workloads.architecture_for("tiny"), '
+          'dtype="float32"); '
+          'bad += [m for m in heavy if m in sys.modules]; print(bad); '
           'sys.exit(bool(bad))')
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
