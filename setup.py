@@ -31,7 +31,7 @@ CORE = [
     'tqdm==4.70.1',
     # `tfds build` (the command our not-prepared errors name) imports it.
     'importlib_resources==7.1.0',
-    # The CPU convolutions (effnetv2_jax/models/onednn.py), compiled on first
+    # The CPU convolutions (effnetv2_jax/kernels/onednn.py), compiled on first
     # use. The GNU OpenMP build: no Intel runtimes, 39 MB. Elsewhere the
     # models keep XLA's convolutions.
     'onednn-cpu-gomp==2023.2.0; ' + LINUX_X86_64,
@@ -65,7 +65,7 @@ setuptools.setup(
     license='Apache-2.0',
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['effnetv2_jax', 'effnetv2_jax.*']),
-    package_data={'effnetv2_jax.models': ['onednn_conv.cc']},
+    package_data={'effnetv2_jax.kernels': ['onednn_conv.cc']},
     install_requires=CORE,
     extras_require=EXTRAS,
 )

@@ -223,7 +223,7 @@ def _save_exported(args, task) -> None:
   """Serializes every program and compiles it once (filling the persistent
   cache), as a trainer would at its first start."""
   import jax
-  from effnetv2_jax.models import onednn
+  from effnetv2_jax.kernels import onednn
   for size in _program_order(args.size):
     kind, shape = ('update', ()) if size is None else (
         'gradient', (args.batch, size))
@@ -255,7 +255,7 @@ def _load_exported(args) -> None:
     # The programs' oneDNN custom calls need their handlers registered; this
     # is a process's start-up cost (a few ms from the kernel cache), not a
     # stage's, so it stays out of the timings.
-    from effnetv2_jax.models import onednn
+    from effnetv2_jax.kernels import onednn
     onednn.status()
   from effnetv2_jax.models import xla_options
   for size in _program_order(args.size):

@@ -244,8 +244,8 @@ def environment(threads: int) -> dict:
     import jax
     devs = jax.devices()
     env['jax_devices'] = f'{len(devs)} x {devs[0].device_kind}'
-    from effnetv2_jax.models import layers
-    env['ours_conv_impl_auto'] = layers.describe_conv_impl('auto')
+    from effnetv2_jax import kernels
+    env['ours_conv_impl_auto'] = kernels.describe_conv_impl('auto')
   if 'torch' in sys.modules:
     import torch
     env['torch_threads'] = torch.get_num_threads()

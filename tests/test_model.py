@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effnetv2_jax import tables
+from effnetv2_jax import kernels
+from effnetv2_jax.kernels import same_padding
 from effnetv2_jax.models import arch, count_params, create_model, param_rngs
 from effnetv2_jax.models import layers
-from effnetv2_jax.models.layers import (BatchNorm, Conv2D, DepthwiseConv2D,
-                                        same_padding)
+from effnetv2_jax.models.layers import BatchNorm, Conv2D, DepthwiseConv2D
 
 
 # Behaviour tests use a B0 scaled down to a few blocks: every block kind
@@ -135,6 +135,17 @@ def test_conv_implementations_agree_on_the_whole_model(impl):
   fast = _jit_forward(_b0(impl=impl), training=False)(x)[0]
   xla = _jit_forward(_b0(impl='xla'), training=False)(x)[0]
   assert float(jnp.max(jnp.abs(fast - xla))) < 1e-5
+
+
+@pytest.mark.parametrize('impl', ['xla', 'shifted'])
+def test_every_convolution_takes_the_models_conv_impl(impl, monkeypatch):
+  # One device, where 'auto' would pick oneDNN if a layer fell back to it.
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  model = create_model(TINY, 10, conv_impl=impl)
+  convs = [node for _, node in nnx.iter_graph(model)
+           if isinstance(node, (Conv2D, DepthwiseConv2D))]
+  assert len(convs) > 20
+  assert {conv.impl for conv in convs} == {kernels.choose_conv_impl(impl)}
 
 
 def test_eval_mode_ignores_rng_and_regularisation_rates():
@@ -351,19 +362,3 @@ def test_create_model_input_errors():
                      head_channels=64)
   model = create_model(tiny.to_dict(), 3)
   assert model.architecture == tiny
-
-
-# ---------------------------------------------------------------- MACs
-
-
-def test_xla_counted_macs_agree_with_reference_within_one_percent():
-  macs = tables.count_macs('b0', 224) / 1e9
-  assert macs == pytest.approx(arch.REFERENCE_GMACS['b0'][1], rel=0.01)
-
-
-def test_tables_cli_json(capsys):
-  assert tables.main(['params', '--json', '--variant', 'b0']) == 0
-  rows = json.loads(capsys.readouterr().out)
-  assert rows[0]['variant'] == 'b0'
-  assert rows[0]['params'] == rows[0]['official_params'] == 7_139_704
-  assert abs(rows[0]['gmacs_train_deviation']) < 0.01

@@ -1,6 +1,7 @@
-"""The oneDNN convolutions (models/onednn.py, onednn_conv.cc): values and
-gradients against XLA's convolution, the build and its cache, and every way
-of being unavailable."""
+"""The oneDNN convolutions (kernels/onednn.py, onednn_conv.cc): values and
+gradients against XLA's convolution, the layers and the eval-mode BatchNorm
+fold that use them, the build and its cache, and every way of being
+unavailable."""
 
 import json
 import os
@@ -15,7 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effnetv2_jax.models import create_model, layers, onednn
+from config_files import load_config
+from effnetv2_jax import kernels
+from effnetv2_jax.kernels import onednn
+from effnetv2_jax.models import create_model, layers
 
 # setup.py installs oneDNN on Linux x86-64, and CI has a compiler: there the
 # kernels must build, not quietly fall back.
@@ -31,7 +35,7 @@ def fresh_status():
 
 
 @pytest.fixture
-def kernels():
+def available():
   current = onednn.status()
   if not current.available:
     if REQUIRED:
@@ -79,11 +83,11 @@ CASES = [
 
 
 @pytest.mark.parametrize('h,w,cin,cout,k,stride,groups', CASES)
-def test_values_and_gradients_equal_xla(kernels, h, w, cin, cout, k, stride,
+def test_values_and_gradients_equal_xla(available, h, w, cin, cout, k, stride,
                                         groups):
   x = jax.random.normal(jax.random.key(0), (3, h, w, cin))
   kernel = jax.random.normal(jax.random.key(1), (k, k, cin // groups, cout))
-  padding = tuple(layers.same_padding(size, k, stride) for size in (h, w))
+  padding = tuple(kernels.same_padding(size, k, stride) for size in (h, w))
   ours = jax.jit(lambda x, kernel: _value_and_grads(
       lambda x, kernel: onednn.conv2d(x, kernel, (stride, stride), padding,
                                       groups), x, kernel))(x, kernel)
@@ -98,7 +102,7 @@ def test_values_and_gradients_equal_xla(kernels, h, w, cin, cout, k, stride,
 
 THREADED_CHECK = """
 import jax, jax.numpy as jnp
-from effnetv2_jax.models import layers, onednn
+from effnetv2_jax.kernels import onednn
 assert onednn.status().available
 for groups, cin, cout in ((1, 8, 16), (16, 16, 16)):
   x = jax.random.normal(jax.random.key(0), (4, 20, 20, cin))
@@ -117,7 +121,7 @@ print('threaded ok')
 """
 
 
-def test_threaded_calls_equal_xla(kernels):
+def test_threaded_calls_equal_xla(available):
   """Every call above the serial threshold runs on an OpenMP team; the
   shapes above are all below the default, so here the threshold is 0."""
   env = dict(os.environ, EFFNETV2_ONEDNN_SERIAL_MACS='0')
@@ -131,7 +135,7 @@ def test_threaded_calls_equal_xla(kernels):
 
 @pytest.mark.parametrize('silu', [False, True])
 @pytest.mark.parametrize('groups', [1, 6])
-def test_bias_and_silu_epilogue_values_and_gradients(kernels, silu, groups):
+def test_bias_and_silu_epilogue_values_and_gradients(available, silu, groups):
   x = jax.random.normal(jax.random.key(0), (2, 11, 11, 6))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 6 // groups, 6))
   bias = jax.random.normal(jax.random.key(2), (6,))
@@ -155,7 +159,7 @@ def test_bias_and_silu_epilogue_values_and_gradients(kernels, silu, groups):
     assert float(jnp.max(jnp.abs(a - b))) <= 2e-5 * scale, name
 
 
-def test_eval_mode_folds_batch_norm_into_the_convolution(kernels):
+def test_eval_mode_folds_batch_norm_into_the_convolution(available):
   model = create_model('b0', 10, conv_impl='onednn', rngs=0)
   x = jnp.ones((1, 32, 32, 3))
   evaluation = str(jax.make_jaxpr(lambda x: model(x, training=False))(x))
@@ -169,8 +173,8 @@ def test_eval_mode_folds_batch_norm_into_the_convolution(kernels):
 
 
 @pytest.mark.parametrize('silu', [False, True])
-def test_eval_mode_1x1_convolutions_join_oneDNN_on_large_maps(kernels, silu):
-  conv = layers.Conv2D(8, 16, 1, impl='onednn', rngs=nnx.Rngs(0))
+def test_eval_mode_1x1_convolutions_join_oneDNN_on_large_maps(available,
+                                                             silu):
   bn = layers.BatchNorm(16, rngs=nnx.Rngs(0))
   keys = jax.random.split(jax.random.key(7), 4)
   bn.scale.set_value(1 + 0.3 * jax.random.normal(keys[0], (16,)))
@@ -180,17 +184,17 @@ def test_eval_mode_1x1_convolutions_join_oneDNN_on_large_maps(kernels, silu):
   activation = 'silu' if silu else None
 
   def loss_for(impl):
-    conv.impl = impl  # static: part of the graphdef split below
+    conv = layers.Conv2D(8, 16, 1, impl=impl, rngs=nnx.Rngs(0))
     graphdef, params, stats = nnx.split((conv, bn), nnx.Param, ...)
 
     def loss(params, x):
       c, b = nnx.merge(graphdef, params, stats, copy=True)
-      y = layers.conv_bn(c, b, x, training=False, activation=activation)
+      y = layers.ConvBN.apply(c, b, x, training=False, activation=activation)
       return jnp.sum(jnp.sin(y))
 
     return loss, params
 
-  rows = layers.ONEDNN_POINTWISE_MIN_ROWS
+  rows = kernels.ONEDNN_POINTWISE_MIN_ROWS
   for height, joins in ((rows // 32, True), (rows // 32 - 1, False)):
     x = jax.random.normal(jax.random.key(height), (1, height, 32, 8))
     (loss, params), (ref_loss, _) = loss_for('onednn'), loss_for('xla')
@@ -204,7 +208,7 @@ def test_eval_mode_1x1_convolutions_join_oneDNN_on_large_maps(kernels, silu):
       assert float(jnp.max(jnp.abs(a - b))) <= 2e-5 * max(scale, 1.0)
 
 
-def test_gradients_through_eval_mode_equal_xla(kernels):
+def test_gradients_through_eval_mode_equal_xla(available):
   """Fine-tuning with frozen BatchNorm differentiates through the fold:
   into the kernels, and through scale / shift into the BN parameters."""
   def grads(impl):
@@ -226,20 +230,20 @@ def test_gradients_through_eval_mode_equal_xla(kernels):
     assert float(jnp.linalg.norm(a - b)) <= 1e-4 * max(norm, floor)
 
 
-def test_layers_take_the_onednn_form(kernels):
+def test_layers_take_the_onednn_form(available):
   conv = layers.Conv2D(4, 6, 3, 2, impl='onednn', rngs=nnx.Rngs(0))
   dw = layers.DepthwiseConv2D(6, 3, 1, impl='onednn', rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4))
   jaxpr = str(jax.make_jaxpr(lambda x: dw(conv(x)))(x))
   assert jaxpr.count('effnetv2_onednn_conv_forward') == 2
-  conv.impl = dw.impl = 'xla'
+  conv.impl = dw.impl = kernels.choose_conv_impl('xla')
   expected = dw(conv(x))
-  conv.impl = dw.impl = 'onednn'
+  conv.impl = dw.impl = kernels.choose_conv_impl('onednn')
   np.testing.assert_allclose(np.asarray(dw(conv(x))), np.asarray(expected),
                              rtol=1e-5, atol=1e-5)
 
 
-def test_only_float32(kernels):
+def test_only_float32(available):
   x = jnp.ones((1, 8, 8, 3), jnp.bfloat16)
   with pytest.raises(TypeError, match='float32'):
     onednn.conv2d(x, jnp.ones((3, 3, 3, 4), jnp.bfloat16), (1, 1),
@@ -248,7 +252,7 @@ def test_only_float32(kernels):
     create_model('b0', 10, conv_impl='onednn', dtype=jnp.bfloat16)
 
 
-def test_handler_rejects_inconsistent_shapes(kernels):
+def test_handler_rejects_inconsistent_shapes(available):
   x = jnp.ones((1, 8, 8, 3))
   kernel = jnp.ones((3, 3, 3, 4))
   with pytest.raises(jax.errors.JaxRuntimeError,
@@ -267,7 +271,7 @@ def _library_of(tmp_path, monkeypatch):
 
 
 def test_build_is_cached_and_a_corrupt_cache_file_is_rebuilt(
-    kernels, fresh_status, tmp_path, monkeypatch):
+    available, fresh_status, tmp_path, monkeypatch):
   path = _library_of(tmp_path, monkeypatch)
   path.parent.mkdir(parents=True)
   path.write_bytes(b'not a shared library')  # as a killed build might leave
@@ -281,7 +285,7 @@ def test_build_is_cached_and_a_corrupt_cache_file_is_rebuilt(
   assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temps
 
 
-def test_cache_key_follows_the_source(kernels, tmp_path, monkeypatch):
+def test_cache_key_follows_the_source(available, tmp_path, monkeypatch):
   first = _library_of(tmp_path, monkeypatch)
   source = tmp_path / 'onednn_conv.cc'
   source.write_text(onednn.SOURCE.read_text() + '\n// changed\n')
@@ -309,7 +313,7 @@ def test_missing_onednn_falls_back_and_explains(fresh_status, tmp_path,
   assert 'oneDNN >= 3.0 not found' in current.reason
   assert 'pip install onednn-cpu-gomp' in current.reason
   monkeypatch.setattr(jax, 'device_count', lambda: 1)
-  assert layers.resolve_conv_impl('auto') == 'shifted'
+  assert kernels.resolve_conv_impl('auto') == 'shifted'
   model = create_model('b0', 10, conv_impl='onednn')  # builds abstractly
   with pytest.raises(onednn.OneDnnUnavailable, match="conv_impl='onednn'"):
     model(jnp.ones((1, 32, 32, 3)))
@@ -323,7 +327,7 @@ def test_onednn_2_is_refused_by_version(fresh_status, tmp_path, monkeypatch):
   assert 'version (2, 0, 0)' in current.reason
 
 
-def test_missing_compiler_is_named(kernels, fresh_status, tmp_path,
+def test_missing_compiler_is_named(available, fresh_status, tmp_path,
                                    monkeypatch):
   monkeypatch.setenv('PATH', str(tmp_path))
   monkeypatch.delenv('CXX', raising=False)
@@ -368,7 +372,7 @@ def test_trainer_names_the_key_when_onednn_cannot_run(fresh_status, tmp_path,
                                                      monkeypatch):
   from effnetv2_jax.training import trainer
   monkeypatch.setenv('EFFNETV2_ONEDNN_ROOT', str(tmp_path / 'nowhere'))
-  config = _tiny_config()
+  config = load_config('tiny')
   config.model.conv_impl = 'onednn'
   with pytest.raises(trainer.ConfigError,
                      match=r"config.model.conv_impl='onednn': .*not found"):
@@ -376,18 +380,9 @@ def test_trainer_names_the_key_when_onednn_cannot_run(fresh_status, tmp_path,
   assert not (tmp_path / 'workdir' / 'checkpoints').exists()
 
 
-def _tiny_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'tiny_config', REPO / 'configs' / 'tiny.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def test_several_devices_keep_auto_off_the_custom_call():
   assert jax.device_count() > 1  # conftest's fake mesh
-  assert layers.resolve_conv_impl('auto') == 'shifted'
+  assert kernels.resolve_conv_impl('auto') == 'shifted'
 
 
 # ------------------------------------------------------------ in the trainer
@@ -396,7 +391,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_single_device_runs_train_with_onednn_and_reload_it_from_the_cache(
-    kernels, tmp_path):
+    available, tmp_path):
   """The entry point as a user runs it on one CPU: `auto` picks oneDNN beside
   TensorFlow's input pipeline, and a second run loads each stage's program,
   custom calls included, from the persistent cache and trains identically."""

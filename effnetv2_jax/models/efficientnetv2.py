@@ -9,63 +9,69 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effnetv2_jax.models import arch as arch_lib
-from effnetv2_jax.models.layers import (BatchNorm, Conv2D, DepthwiseConv2D,
-                                        SqueezeExcite, conv_bn, drop_path)
+from effnetv2_jax.models.layers import (BatchNorm, Conv2D, ConvBN,
+                                        DepthwiseConv2D, SqueezeExcite,
+                                        drop_path)
 
 
-class _ConvBN(nnx.Module):
-  """Conv -> BN (-> SiLU when `act`): the stem and head share this shape."""
+class Stem(nnx.Module):
+  """3x3 stride-2 convolution -> BN -> SiLU."""
 
-  def __init__(self, cin, cout, kernel, stride, *, bn_kw, dtype,
-               conv_impl='auto', rngs):
-    self.conv = Conv2D(cin, cout, kernel, stride, impl=conv_impl, dtype=dtype,
-                       rngs=rngs)
+  conv_bn = ConvBN('conv', 'bn')
+
+  def __init__(self, cout, *, bn_kw, dtype, conv_impl, rngs):
+    self.conv = Conv2D(3, cout, 3, 2, impl=conv_impl, dtype=dtype, rngs=rngs)
     self.bn = BatchNorm(cout, dtype=dtype, rngs=rngs, **bn_kw)
 
   def __call__(self, x, *, training, groups):
-    return conv_bn(self.conv, self.bn, x, training=training, groups=groups,
-                   activation='silu')
+    return self.conv_bn(x, training=training, groups=groups,
+                        activation='silu')
 
 
 class MBConv(nnx.Module):
   """Inverted bottleneck: [1x1 expand] -> depthwise -> [SE] -> 1x1 project."""
+
+  expand = ConvBN('expand_conv', 'expand_bn')
+  depthwise = ConvBN('dw_conv', 'dw_bn')
+  project = ConvBN('project_conv', 'project_bn')
 
   def __init__(self, spec: arch_lib.BlockSpec, *, bn_kw, dtype,
                conv_impl, rngs):
     self.spec = spec
     mid = spec.mid_channels
     if spec.expand_ratio != 1:
-      self.expand_conv = Conv2D(spec.in_channels, mid, 1, dtype=dtype,
-                                rngs=rngs)
+      self.expand_conv = Conv2D(spec.in_channels, mid, 1, impl=conv_impl,
+                                dtype=dtype, rngs=rngs)
       self.expand_bn = BatchNorm(mid, dtype=dtype, rngs=rngs, **bn_kw)
     else:
       self.expand_conv = self.expand_bn = None
     self.dw_conv = DepthwiseConv2D(mid, spec.kernel_size, spec.stride,
                                    impl=conv_impl, dtype=dtype, rngs=rngs)
     self.dw_bn = BatchNorm(mid, dtype=dtype, rngs=rngs, **bn_kw)
-    self.se = (SqueezeExcite(mid, spec.se_channels, dtype=dtype, rngs=rngs)
+    self.se = (SqueezeExcite(mid, spec.se_channels, impl=conv_impl,
+                             dtype=dtype, rngs=rngs)
                if spec.se_channels else None)
-    self.project_conv = Conv2D(mid, spec.out_channels, 1, dtype=dtype,
-                               rngs=rngs)
+    self.project_conv = Conv2D(mid, spec.out_channels, 1, impl=conv_impl,
+                               dtype=dtype, rngs=rngs)
     self.project_bn = BatchNorm(spec.out_channels, dtype=dtype, rngs=rngs,
                                 **bn_kw)
 
   def __call__(self, x, *, training, groups):
     h = x
     if self.expand_conv is not None:
-      h = conv_bn(self.expand_conv, self.expand_bn, h, training=training,
-                  groups=groups, activation='silu')
-    h = conv_bn(self.dw_conv, self.dw_bn, h, training=training,
-                groups=groups, activation='silu')
+      h = self.expand(h, training=training, groups=groups, activation='silu')
+    h = self.depthwise(h, training=training, groups=groups, activation='silu')
     if self.se is not None:
       h = self.se(h)
     # No activation after the projection BN (linear bottleneck).
-    return conv_bn(self.project_conv, self.project_bn, h, training=training,
-                   groups=groups)
+    return self.project(h, training=training, groups=groups)
 
 
 class FusedMBConv(nnx.Module):
   """k x k conv (expand) -> [SE] -> 1x1 project; e=1 is one conv+BN+SiLU."""
+
+  fused = ConvBN('fused_conv', 'fused_bn')
+  project = ConvBN('project_conv', 'project_bn')
 
   def __init__(self, spec: arch_lib.BlockSpec, *, bn_kw, dtype,
                conv_impl, rngs):
@@ -76,32 +82,34 @@ class FusedMBConv(nnx.Module):
                              spec.stride, impl=conv_impl, dtype=dtype,
                              rngs=rngs)
     self.fused_bn = BatchNorm(width, dtype=dtype, rngs=rngs, **bn_kw)
-    self.se = (SqueezeExcite(width, spec.se_channels, dtype=dtype, rngs=rngs)
+    self.se = (SqueezeExcite(width, spec.se_channels, impl=conv_impl,
+                             dtype=dtype, rngs=rngs)
                if spec.se_channels else None)
     if single:
       self.project_conv = self.project_bn = None
     else:
-      self.project_conv = Conv2D(width, spec.out_channels, 1, dtype=dtype,
-                                 rngs=rngs)
+      self.project_conv = Conv2D(width, spec.out_channels, 1, impl=conv_impl,
+                                 dtype=dtype, rngs=rngs)
       self.project_bn = BatchNorm(spec.out_channels, dtype=dtype, rngs=rngs,
                                   **bn_kw)
 
   def __call__(self, x, *, training, groups):
-    h = conv_bn(self.fused_conv, self.fused_bn, x, training=training,
-                groups=groups, activation='silu')
+    h = self.fused(x, training=training, groups=groups, activation='silu')
     if self.se is not None:
       h = self.se(h)
     if self.project_conv is not None:
-      h = conv_bn(self.project_conv, self.project_bn, h, training=training,
-                  groups=groups)
+      h = self.project(h, training=training, groups=groups)
     return h
 
 
 class Head(nnx.Module):
   """1x1 conv to the head width, BN, SiLU, mean-pool, dropout, classifier."""
 
-  def __init__(self, cin, width, num_classes, *, bn_kw, dtype, rngs):
-    self.conv = Conv2D(cin, width, 1, dtype=dtype, rngs=rngs)
+  conv_bn = ConvBN('conv', 'bn')
+
+  def __init__(self, cin, width, num_classes, *, bn_kw, dtype, conv_impl,
+               rngs):
+    self.conv = Conv2D(cin, width, 1, impl=conv_impl, dtype=dtype, rngs=rngs)
     self.bn = BatchNorm(width, dtype=dtype, rngs=rngs, **bn_kw)
     limit = 1.0 / float(num_classes) ** 0.5
 
@@ -137,8 +145,8 @@ class EfficientNetV2(nnx.Module):
     self.drop_path_rate = drop_path_rate
     bn_kw = dict(momentum=bn_momentum, epsilon=bn_epsilon)
     stem = architecture.stem_channels
-    self.stem = _ConvBN(3, stem, 3, 2, bn_kw=bn_kw, dtype=dtype,
-                        conv_impl=conv_impl, rngs=rngs)
+    self.stem = Stem(stem, bn_kw=bn_kw, dtype=dtype, conv_impl=conv_impl,
+                     rngs=rngs)
     stages = architecture.stage_blocks(drop_path_rate=1.0)
     # Per block: (stage index, depth fraction i/N); survival = 1 - rate * i/N.
     self.block_positions = tuple(
@@ -152,7 +160,8 @@ class EfficientNetV2(nnx.Module):
                           conv_impl=conv_impl, rngs=rngs))
     self.blocks = nnx.List(blocks)
     self.head = Head(stages[-1][-1].out_channels, architecture.head_width,
-                     num_classes, bn_kw=bn_kw, dtype=dtype, rngs=rngs)
+                     num_classes, bn_kw=bn_kw, dtype=dtype,
+                     conv_impl=conv_impl, rngs=rngs)
     self.dtype = dtype
 
   def __call__(self, x, *, training: bool = False, rng=None,
@@ -202,8 +211,8 @@ class EfficientNetV2(nnx.Module):
       if last_of_stage:
         features[f'stage{stage + 1}'] = h
     head = self.head
-    h = conv_bn(head.conv, head.bn, h, training=training, groups=bn_groups,
-                activation='silu')
+    h = head.conv_bn(h, training=training, groups=bn_groups,
+                     activation='silu')
     features['head'] = h
     pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
     features['pre_logits'] = pooled

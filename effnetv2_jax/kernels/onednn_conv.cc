@@ -10,7 +10,7 @@
 // in plain NHWC, as PyTorch's channels_last does with oneDNN; only the
 // kernel, which is small, is reordered into the layout the primitive asks for.
 //
-// Built on first use by effnetv2_jax/models/onednn.py against the oneDNN
+// Built on first use by effnetv2_jax/kernels/onednn.py against the oneDNN
 // (>= 3.0) headers and jaxlib's FFI headers.
 
 #include <cstdint>
@@ -239,8 +239,8 @@ uint8_t* ThreadWorkspace(size_t bytes) {
 
 // oneDNN's OpenMP threads are not XLA's: XLA may run other operations on its
 // own threads meanwhile, and a team that cannot get every core waits at its
-// barriers (the digits stem's kernel gradient: 0.03 ms alone, 3.2 ms inside
-// a train step). Below this much work one thread does it without a team.
+// barriers, which costs a small call many times its work. Below this much
+// work one thread does it without a team.
 int64_t SerialMacs() {
   static const int64_t value = [] {
     const char* env = std::getenv("EFFNETV2_ONEDNN_SERIAL_MACS");

@@ -2,12 +2,9 @@
 
 XLA:CPU (jaxlib 0.10) convolves with Eigen, which is slowest exactly where an
 EfficientNetV2 trains on a CPU: the kernel gradients of the narrow 3x3
-convolutions of the Fused-MBConv stages (24 -> 24 channels at 112 px: 15.5 ms
-against oneDNN's 7.2 on 2 cores), the stem (forward 5.5 against 1.1 ms) and,
-written as shifted multiply-adds, the depthwise convolutions (kernel gradient
-at 56 px, 144 channels: 12.2 against 1.5 ms). oneDNN is the library PyTorch
-uses for the same work. Per-shape and whole-step figures: benchmarks/README.md,
-change 14.
+convolutions of the Fused-MBConv stages, the stem, and (written as shifted
+multiply-adds) the depthwise convolutions. oneDNN is the library PyTorch uses
+for the same work. Per-shape and whole-step figures: benchmarks/README.md.
 
 `onednn_conv.cc`, beside this file, holds the XLA FFI handlers: forward,
 input gradient, kernel gradient, and a forward with a bias and SiLU applied
@@ -18,15 +15,15 @@ x86-64, or `EFFNETV2_ONEDNN_ROOT`) and jaxlib's FFI headers, caches the
 library under a key of everything the build depends on
 (`EFFNETV2_CACHE_DIR`, default `~/.cache/effnetv2_jax`), and registers the
 handlers with XLA. Nothing is required: when oneDNN, the compiler or the
-build is missing, `status()` says why and the models' `conv_impl='auto'`
-keeps their other CPU convolutions.
+build is missing, `status()` says why and `conv_impl='auto'` keeps the other
+CPU convolutions (`effnetv2_jax.kernels`).
 
 Threads: oneDNN runs on OpenMP threads of its own, beside XLA's, which may
 run other operations at the same time; a team that cannot get every core
-then waits at its barriers (the digits stem's kernel gradient: 0.03 ms
-alone, 3.2 ms inside a train step). So a call with fewer than
-`EFFNETV2_ONEDNN_SERIAL_MACS` multiply-adds (default 16 Mi) runs on the
-calling thread alone, and larger ones on every core.
+then waits at its barriers, which costs a small call many times its work.
+So a call with fewer than `EFFNETV2_ONEDNN_SERIAL_MACS` multiply-adds
+(default 16 Mi) runs on the calling thread alone, and larger ones on every
+core.
 """
 
 from __future__ import annotations
@@ -354,10 +351,10 @@ def _input_and_kernel_grads(x, kernel, dy, settings):
   if depthwise and (x.shape[1] < kernel.shape[0]
                     or x.shape[2] < kernel.shape[1]):
     # On maps smaller than the kernel (the last stages of small images)
-    # oneDNN 3.2 drops its depthwise kernel for a grouped one that pads each
-    # channel to 16 x 16 blocks: 0.5-0.7 ms at 2 px, 1536 channels. With the
-    # padding applied beforehand the map is no smaller than the kernel, and
-    # the sums are the same.
+    # oneDNN 3.2 drops its depthwise kernel for a much slower grouped one
+    # that pads each channel to 16 x 16 blocks. With the padding applied
+    # beforehand the map is no smaller than the kernel, and the sums are the
+    # same.
     x = jax.numpy.pad(x, ((0, 0), settings['padding'][0],
                           settings['padding'][1], (0, 0)))
     settings = dict(settings, padding=((0, 0), (0, 0)))
