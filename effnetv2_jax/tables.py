@@ -56,11 +56,6 @@ def xla_macs(architecture: Architecture | str, image_size: int,
 
   model = nnx.eval_shape(
       lambda: create_model(architecture, num_classes, conv_impl='xla'))
-  # conv_impl reaches the k x k convolutions only; the 1x1 ones keep their
-  # own setting, which on CPU routes large eval-mode maps to oneDNN.
-  for _, module in nnx.iter_modules(model):
-    if getattr(module, 'impl', None) is not None:
-      module.impl = 'xla'
   graphdef, state = nnx.split(model)
 
   def forward(state, x):

@@ -365,7 +365,7 @@ def load_model(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
     directory: a model directory written by `save_model` or the converters.
     dtype: compute dtype (parameters stay float32).
     conv_impl: 'auto', 'xla', 'shifted' or 'onednn'
-      (`layers.resolve_conv_impl`).
+      (`kernels.resolve_conv_impl`).
     **model_kwargs: other `create_model` options (dropout_rate,
       drop_path_rate, bn_momentum) for fine-tuning.
   """

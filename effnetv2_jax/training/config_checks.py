@@ -14,8 +14,8 @@ import os
 from typing import Any, Iterable, Mapping
 
 from effnetv2_jax.data import sources
+from effnetv2_jax.kernels import CONV_IMPLS
 from effnetv2_jax.models import families
-from effnetv2_jax.models.layers import CONV_IMPLS
 from effnetv2_jax.training import progressive, schedules
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')

@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'auto'  # bfloat16 compute on TPU/GPU, float32 on CPU
   # 'auto': XLA's convolutions on TPU/GPU; on one CPU device the oneDNN
   # ones (built on first use), else shifted depthwise. 'xla', 'shifted',
-  # 'onednn' force one (models/layers.py, resolve_conv_impl).
+  # 'onednn' force one (effnetv2_jax/kernels, resolve_conv_impl).
   c.model.conv_impl = 'auto'
 
   c.data = ml_collections.ConfigDict()

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from effnetv2_jax import host_memory
-from effnetv2_jax.models import layers
-from effnetv2_jax.models import onednn
+from effnetv2_jax import kernels
+from effnetv2_jax.kernels import onednn
 from effnetv2_jax.training import checkpointing
 from effnetv2_jax.training import compilation
 from effnetv2_jax.training import config_checks
@@ -227,7 +227,7 @@ def _check_convolutions(config, dtype) -> None:
     except onednn.OneDnnUnavailable as e:
       raise ConfigError(f"config.model.conv_impl='onednn': {e}") from None
   log.info('convolutions: %s',
-           layers.describe_conv_impl(config.model.conv_impl, dtype))
+           kernels.describe_conv_impl(config.model.conv_impl, dtype))
 
 
 def _linear_planner(config, setup: _Setup) -> progressive.LinearStagePlanner:
@@ -358,8 +358,8 @@ def _run_facts(config, setup: _Setup, task, run_start: float, load_report
       holdout_examples=setup.info.num_holdout_examples,
       wall_time_s=time.time() - run_start, devices=jax.device_count(),
       backend=jax.default_backend(),
-      conv_impl=layers.resolve_conv_impl(config.model.conv_impl,
-                                         setup.model.options['dtype']))
+      conv_impl=kernels.resolve_conv_impl(config.model.conv_impl,
+                                          setup.model.options['dtype']))
   if load_report is not None:
     facts['init_from'] = {
         'path': load_report.source, 'used_ema': load_report.used_ema,
