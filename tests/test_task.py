@@ -8,7 +8,6 @@ own, and library-style runs that must leave the process as they found it.
 import dataclasses
 import gc
 import os
-import signal
 import threading
 
 import jax
@@ -19,7 +18,7 @@ import pytest
 from flax import nnx
 
 from effnetv2_jax.data import pipeline
-from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.models import small
 from effnetv2_jax.training import mesh as mesh_lib
 from effnetv2_jax.training import optimizer
 from effnetv2_jax.training import progressive
@@ -28,12 +27,9 @@ from effnetv2_jax.training import state as state_lib
 from effnetv2_jax.training import task as task_lib
 from effnetv2_jax.training import trainer
 from config_files import load_config
+from interruptions import run_and_signal
 
-ARCH = arch_lib.Architecture(
-    name='task_test',
-    stages=(arch_lib.parse_block_string('r1_k3_s1_e1_i8_o8_c1'),
-            arch_lib.parse_block_string('r1_k3_s2_e2_i8_o16_se0.25')),
-    head_channels=32, dropout_rate=0.1)
+ARCH = small.TINY  # its pre-logits are 32 wide
 CLASSES, BATCH, SIZE = 10, 8, 16
 SCHEDULE = {'lr_per_256': 0.5, 'kind': 'constant', 'warmup_epochs': 0.0}
 EXTRA_LR = 0.05
@@ -216,25 +212,8 @@ def test_extras_and_planner_state_resume_bitwise_after_sigterm(tmp_path):
   assert 'loss_match' in ref_summary['stages'][0]['train_metrics']
 
   workdir = str(tmp_path / 'interrupted')
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  stop = threading.Event()
-
-  def sigterm_after_step_6():
-    while not stop.is_set():
-      steps = ([int(d) for d in os.listdir(checkpoints) if d.isdigit()]
-               if os.path.isdir(checkpoints) else [])
-      if steps and max(steps) >= 6:
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-      stop.wait(0.02)
-
-  watcher = threading.Thread(target=sigterm_after_step_6)
-  watcher.start()
-  try:
-    _, summary = _seam_run(workdir, cache, _planner())
-  finally:
-    stop.set()
-    watcher.join()
+  _, summary = run_and_signal(
+      lambda: _seam_run(workdir, cache, _planner()), workdir, 6)
   assert summary['status'] == 'preempted' and summary['final_step'] < 12
 
   resumed, summary = _seam_run(workdir, cache, _planner())

@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from unittest import mock
 
 import jax
@@ -26,6 +24,7 @@ from effnetv2_jax.training import loop
 from effnetv2_jax.training import progressive
 from effnetv2_jax.training import trainer
 from config_files import load_config
+from interruptions import committed_steps, run_and_signal, when_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -199,26 +198,6 @@ def reference(tmp_path_factory, cache_dir):
   return state, summary, workdir
 
 
-def _committed_steps(workdir):
-  # orbax writes into a temporary name and renames it to the step number.
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-
-
-def _when_checkpoint(workdir, after_step, action, is_running, timeout=300):
-  """Calls `action()` once a checkpoint at or after `after_step` exists."""
-  deadline = time.time() + timeout
-  while time.time() < deadline and is_running():
-    steps = _committed_steps(workdir)
-    if steps and steps[-1] >= after_step:
-      action()
-      return True
-    time.sleep(0.02)
-  return False
-
-
 def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(
     tmp_path, cache_dir, reference):
   ref_state, ref_summary, _ = reference
@@ -227,21 +206,12 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(
 
   # 1. A preemption notice (SIGTERM) mid stage 1, in this process: the loop
   #    writes a checkpoint and returns.
-  running = threading.Event()
-  running.set()
-  watcher = threading.Thread(target=_when_checkpoint, args=(
-      workdir, 6, lambda: os.kill(os.getpid(), signal.SIGTERM),
-      running.is_set))
-  watcher.start()
-  try:
-    _, summary = trainer.train_and_evaluate(_resume_config(cache_dir),
-                                            workdir)
-  finally:
-    running.clear()
-    watcher.join()
+  _, summary = run_and_signal(
+      lambda: trainer.train_and_evaluate(_resume_config(cache_dir), workdir),
+      workdir, 6, signal.SIGTERM)
   assert summary['status'] == 'preempted'
   assert 6 <= summary['final_step'] < 20
-  assert _committed_steps(workdir)[-1] == summary['final_step']
+  assert committed_steps(workdir)[-1] == summary['final_step']
 
   # 2. The command-line job, killed hard (SIGKILL) mid stage 2, wherever it
   #    is (possibly mid-save).
@@ -252,13 +222,13 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(
   with open(tmp_path / 'job.log', 'w') as log:  # a pipe could fill and block
     job = subprocess.Popen(command, cwd=REPO, stdout=log,
                            stderr=subprocess.STDOUT)
-  killed = _when_checkpoint(workdir, 26, job.kill,
+  killed = when_checkpoint(workdir, 26, job.kill,
                             lambda: job.poll() is None)
   job.wait(timeout=60)
   assert killed, (f'the job ended (rc {job.returncode}) before the kill:\n'
                   + (tmp_path / 'job.log').read_text()[-3000:])
   assert job.returncode == -signal.SIGKILL
-  assert 26 <= _committed_steps(workdir)[-1] < 40
+  assert 26 <= committed_steps(workdir)[-1] < 40
 
   # 3. Resume to the end: the same weights, bit for bit.
   resumed, summary = trainer.train_and_evaluate(_resume_config(cache_dir),
@@ -280,20 +250,11 @@ def test_resume_after_sigterm_and_sigkill_is_bitwise_identical(
 def test_ctrl_c_writes_a_checkpoint_and_stops_and_a_second_interrupts(
     tmp_path, cache_dir):
   workdir = str(tmp_path / 'run')
-  running = threading.Event()
-  running.set()
-  watcher = threading.Thread(target=_when_checkpoint, args=(
-      workdir, 2, lambda: os.kill(os.getpid(), signal.SIGINT),
-      running.is_set))
-  watcher.start()
-  try:
-    _, summary = trainer.train_and_evaluate(_resume_config(cache_dir),
-                                            workdir)
-  finally:
-    running.clear()
-    watcher.join()
+  _, summary = run_and_signal(
+      lambda: trainer.train_and_evaluate(_resume_config(cache_dir), workdir),
+      workdir, 2, signal.SIGINT)
   assert summary['status'] == 'preempted'
-  assert _committed_steps(workdir)[-1] == summary['final_step'] < 40
+  assert committed_steps(workdir)[-1] == summary['final_step'] < 40
   watch = loop.PreemptionWatch()
   with watch:
     os.kill(os.getpid(), signal.SIGINT)
