@@ -6,6 +6,7 @@ the stage steps load from it (which the resume test also checks).
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from effnetv2_jax.models import small
 from effnetv2_jax.training import checkpointing
 from effnetv2_jax.training import compilation
 from effnetv2_jax.training import config_checks
@@ -54,6 +56,7 @@ def cache_dir(tmp_path_factory):
     ({'schedule.kind': 'linear'}, 'config.schedule.kind'),
     ({'compilation_cache_dir': '/proc/no_such_dir'},
      'config.compilation_cache_dir'),
+    ({'data.holdout': 1430}, 'config.data.holdout'),  # 7 left, batch 16
 ])
 def test_invalid_config_fails_at_start_naming_the_key(tmp_path, overrides,
                                                       key):
@@ -262,6 +265,16 @@ def test_ctrl_c_writes_a_checkpoint_and_stops_and_a_second_interrupts(
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is not watch._handle  # pylint: disable=protected-access
+
+
+def test_a_workdir_of_another_network_is_refused_naming_the_key(reference):
+  _, _, workdir = reference
+  wider = dataclasses.replace(small.TINY, head_channels=48)
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'^config.model.arch: .* another network') as error:
+    trainer.train_and_evaluate(
+        _tiny_config(**{'model.arch': wider.to_dict()}), workdir)
+  assert '\n' not in str(error.value)
 
 
 # ---------------------------------------------------------------- NaN guard --

@@ -228,3 +228,13 @@ def check_stage(stage: progressive.StageSettings, data_axis_size: int) -> None:
         f'stage {stage.index + 1} batch size {stage.batch_size} is not a '
         f'multiple of the {data_axis_size} devices on the data axis '
         '(config.train.batch_size / progressive.batch_size_rule)')
+
+
+def check_train_size(num_train_examples: int, stages, holdout) -> None:
+  """Every planned stage's batch fits in what the holdout leaves of train."""
+  largest = max((s.batch_size for s in stages), default=0)
+  if holdout and num_train_examples < largest:
+    raise ConfigError(
+        f'config.data.holdout={holdout!r} leaves {num_train_examples} train '
+        f'examples, fewer than one batch of {largest} '
+        '(config.train.batch_size); hold out less')

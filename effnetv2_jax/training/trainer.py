@@ -121,8 +121,11 @@ def train_and_evaluate(config, workdir: str, *,
                          reference=recipes.base_config())
   setup = _setup(config)
   planner = planner or _linear_planner(config, setup)
-  config_checks.check_eval_size(
-      setup.eval_size, [s.image_size for s in planner.expected_stages([])])
+  planned = planner.expected_stages([])
+  config_checks.check_eval_size(setup.eval_size,
+                                [s.image_size for s in planned])
+  config_checks.check_train_size(setup.info.num_train_examples, planned,
+                                 config.data.holdout)
   cache_dir = compilation.compilation_cache_dir(
       config.compilation_cache_dir, workdir,
       jax.config.jax_compilation_cache_dir)
