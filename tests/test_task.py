@@ -19,6 +19,7 @@ from flax import nnx
 
 from effnetv2_jax.data import pipeline
 from effnetv2_jax.models import small
+from effnetv2_jax.training import compilation
 from effnetv2_jax.training import mesh as mesh_lib
 from effnetv2_jax.training import optimizer
 from effnetv2_jax.training import progressive
@@ -252,3 +253,25 @@ def test_library_runs_write_only_results_and_leave_the_process_as_found(
   gc.collect()
   assert set(threading.enumerate()) <= threads_before
   assert all(it._dataset is None for it in pipeline._live_iterators)  # pylint: disable=protected-access
+
+
+def test_step_memory_counts_the_whole_state_and_both_programs():
+  task = _task()
+  compiler = compilation.Compiler(task, cache_enabled=False)
+  try:
+    gradient, _ = compiler.get('gradient', BATCH, SIZE)
+    update, _ = compiler.get('update')
+  finally:
+    compiler.close()
+  state_bytes = compilation.per_device_bytes(task.target)
+  params_bytes = compilation.per_device_bytes(task.target.params)
+  # RMSProp's two slots and the EMA copy: the state is several times the
+  # weights, and the gradient program alone never sees most of it.
+  assert state_bytes > 3 * params_bytes
+  assert gradient.memory['argument_size_in_bytes'] < state_bytes
+  step = compilation.step_memory(
+      gradient.memory, update.memory, state_bytes=state_bytes,
+      batch_bytes=compilation.per_device_bytes(task.batch_spec(BATCH, SIZE)))
+  total = lambda m: (m['argument_size_in_bytes'] + m['output_size_in_bytes'] +
+                     m['temp_size_in_bytes'] - m.get('alias_size_in_bytes', 0))
+  assert total(step) >= max(total(gradient.memory), total(update.memory))

@@ -19,6 +19,7 @@ import time
 from typing import Any, Iterator
 
 import jax
+import numpy as np
 
 from effnetv2_jax.models import xla_options
 from effnetv2_jax.training.config_checks import ConfigError
@@ -195,23 +196,39 @@ def memory_estimate(compiled) -> dict[str, int]:
   return out
 
 
-def combined_memory(gradient: dict[str, int], update: dict[str, int]
-                    ) -> dict[str, int]:
-  """Peak-relevant sizes of the two programs of a step, run one after the other.
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shape, dtype=np.int64)) * leaf.dtype.itemsize
+  return total
 
-  Arguments (state, batch) live through both; temporaries are not shared, so
-  the larger of the two counts; outputs of the gradient program (gradients
-  and statistics) are the update's arguments.
+
+def step_memory(gradient: dict[str, int], update: dict[str, int], *,
+                state_bytes: int, batch_bytes: int) -> dict[str, int]:
+  """Peak-relevant sizes of a train step's two programs, run one after the
+  other, per device.
+
+  The whole state and the batch live through both (XLA's own argument sizes
+  leave out what a program does not read: the gradient program never sees
+  the optimizer slots or the EMA copy). The gradient program's outputs
+  (gradients, statistics) are the update's arguments; the temporaries of
+  the two are not live at once, and the update writes the new state over
+  the donated one.
   """
   if not gradient or not update:
     return gradient or update
-  out = dict(gradient)
-  out['temp_size_in_bytes'] = max(gradient.get('temp_size_in_bytes', 0),
-                                  update.get('temp_size_in_bytes', 0))
-  out['output_size_in_bytes'] = (gradient.get('output_size_in_bytes', 0) +
-                                 update.get('output_size_in_bytes', 0))
-  out['alias_size_in_bytes'] = update.get('alias_size_in_bytes', 0)
-  return out
+  update_peak = (update.get('output_size_in_bytes', 0) -
+                 update.get('alias_size_in_bytes', 0) +
+                 update.get('temp_size_in_bytes', 0))
+  return {
+      'argument_size_in_bytes': state_bytes + batch_bytes,
+      'output_size_in_bytes': gradient.get('output_size_in_bytes', 0),
+      'temp_size_in_bytes': max(gradient.get('temp_size_in_bytes', 0),
+                                update_peak),
+      'alias_size_in_bytes': 0,
+  }
 
 
 def format_memory(memory: dict[str, int]) -> str:

@@ -180,7 +180,11 @@ def _programs(run: Run, settings, history):
                                       settings.image_size)
   update, update_waited = run.compiler.get('update')
   waited += update_waited
-  memory = compilation.combined_memory(compiled.memory, update.memory)
+  memory = compilation.step_memory(
+      compiled.memory, update.memory,
+      state_bytes=compilation.per_device_bytes(run.task.target),
+      batch_bytes=compilation.per_device_bytes(run.task.batch_spec(
+          settings.batch_size, settings.image_size)))
   run.reporter.text(
       f'stage {settings.index + 1} step for batch {settings.batch_size} at '
       f'{settings.image_size}px: compiled in {compiled.seconds:.1f}s'
