@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from effnetv2_jax.data import pipeline
+from effnetv2_jax.models import families
 from effnetv2_jax.models import small
 from effnetv2_jax.training import compilation
 from effnetv2_jax.training import mesh as mesh_lib
@@ -275,3 +276,72 @@ def test_step_memory_counts_the_whole_state_and_both_programs():
   total = lambda m: (m['argument_size_in_bytes'] + m['output_size_in_bytes'] +
                      m['temp_size_in_bytes'] - m.get('alias_size_in_bytes', 0))
   assert total(step) >= max(total(gradient.memory), total(update.memory))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToyDescription:
+  width: int
+
+
+class _ToyMlp(nnx.Module):
+  """A network of another family: mean-pooled pixels through one layer."""
+
+  def __init__(self, width, num_classes, rngs):
+    self.hidden = nnx.Linear(3, width, rngs=rngs)
+    self.out = nnx.Linear(width, num_classes, rngs=rngs)
+
+  def __call__(self, x, *, training=False, rng=None, dropout_rate=None,
+               drop_path_rate=None, bn_groups=1, return_features=False):
+    del training, rng, dropout_rate, drop_path_rate, bn_groups
+    features = {'pre_logits': jax.nn.relu(self.hidden(x.mean(axis=(1, 2))))}
+    logits = self.out(features['pre_logits'])
+    return (logits, features) if return_features else logits
+
+
+class _ToyFamily:
+  name = 'toy_mlp'
+  description_type = _ToyDescription
+
+  def parse(self, description):
+    if isinstance(description, _ToyDescription):
+      return description
+    return _ToyDescription(width=int(description['width']))
+
+  def build(self, description, num_classes, *, rngs, **options):
+    del options
+    return _ToyMlp(description.width, num_classes, rngs)
+
+  def train_size(self, description):
+    return 16
+
+  def eval_size(self, description):
+    return 16
+
+  def normalization(self, description):
+    return 'inception'
+
+  def to_dict(self, description):
+    return {'family': self.name, 'width': description.width}
+
+
+def test_the_task_trains_any_registered_model_family(monkeypatch):
+  with pytest.raises(ValueError, match='unknown model family .toy_mlp.'):
+    state_lib.ModelSpec({'family': 'toy_mlp', 'width': 4}, CLASSES)
+  monkeypatch.setitem(families._FAMILIES, 'toy_mlp', _ToyFamily())  # pylint: disable=protected-access
+  spec = state_lib.ModelSpec({'family': 'toy_mlp', 'width': 4}, CLASSES)
+  assert spec.description == _ToyDescription(4)
+  assert state_lib.ModelSpec(spec.to_dict(), CLASSES).to_dict() == {
+      'family': 'toy_mlp', 'width': 4}
+  assert spec.num_params() == 3 * 4 + 4 + 4 * CLASSES + CLASSES
+  task = task_lib.TrainTask(
+      spec, mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]),
+      make_optimizer=optimizer.build, schedule=SCHEDULE, total_epochs=1.0,
+      num_train_examples=100)
+  state = jax.jit(task.init)()
+  after, metrics = jax.jit(task.train_step)(state, _batch(), _hparams(task))
+  assert np.isfinite(float(metrics['loss']))
+  assert int(after.step) == 1
+  assert not np.allclose(after.params['out']['kernel'],
+                         state.params['out']['kernel'])
+  # The default family still parses variant names.
+  assert state_lib.ModelSpec('b0', CLASSES).eval_size == 224

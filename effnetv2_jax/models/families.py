@@ -60,8 +60,9 @@ class EfficientNetV2Family:
       fields = {k: (tuple(v) if isinstance(v, list) else v)
                 for k, v in dict(description).items() if k != 'family'}
       return arch_lib.Architecture.from_dict(fields)
-    raise TypeError('an EfficientNetV2 description is a variant name, an '
-                    f'Architecture or its dict, got {type(description).__name__}')
+    raise TypeError(
+        'an EfficientNetV2 description is a variant name, an Architecture '
+        f'or its dict, got {type(description).__name__}')
 
   def build(self, description, num_classes, *, rngs, **options):
     from effnetv2_jax.models import efficientnetv2  # pylint: disable=g-import-not-at-top

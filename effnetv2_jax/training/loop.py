@@ -90,7 +90,7 @@ class Run:
   evaluate: Callable[..., dict]
   preemption: PreemptionWatch
   train_iterator: Callable[[progressive.StageSettings, int], Any]
-  schedule: Mapping[str, int]  # log / checkpoint / eval every N steps
+  every: Mapping[str, int]  # log / checkpoint / eval every N steps (0: never)
   stage_eval_split: str
   eval_at_stage_end: bool
   compile_ahead: bool
@@ -265,7 +265,7 @@ def _run_stage(run: Run, settings: progressive.StageSettings, state,
 def _train_steps(run: Run, progress: _Progress, history, state, train_data,
                  programs) -> tuple[Any, int, bool]:
   """Steps to the stage's end or a stop request; -> (state, step, preempted)."""
-  settings, every = progress.settings, run.schedule
+  settings, every = progress.settings, run.every
   gradient_program, update_program = programs
   hparams = run.task.stage_hparams(settings)
   on_non_finite = functools.partial(_stop_on_non_finite, run, settings)
