@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from effnetv2_jax.training import progressive
+
 log = logging.getLogger(__name__)
 
 _ITEMS = ('state', 'meta')
@@ -261,7 +263,6 @@ class ResumePoint:
 
   @classmethod
   def from_meta(cls, meta: Mapping[str, Any]) -> 'ResumePoint':
-    from effnetv2_jax.training import progressive  # pylint: disable=g-import-not-at-top
     stage = meta.get('stage')
     return cls(
         step=int(meta['step']),

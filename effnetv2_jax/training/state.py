@@ -92,16 +92,21 @@ class ModelSpec:
                              rngs=param_rngs(seed), **self.options)
 
   def graphdef(self):
-    """The static module graph (built abstractly: no weights allocated)."""
-    abstract = nnx.eval_shape(lambda: self.build(0))
-    graphdef, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
-    return graphdef
+    return graphdef_of(self)
 
   def num_params(self) -> int:
     """Trainable parameters, counted without allocating any."""
     abstract = nnx.eval_shape(lambda: self.build(0))
     return sum(int(x.size) for x in
                jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def graphdef_of(buildable) -> Any:
+  """The static module graph of anything with `build(seed)` (built
+  abstractly: no weights allocated)."""
+  abstract = nnx.eval_shape(lambda: buildable.build(0))
+  graphdef, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  return graphdef
 
 
 def split_variables(model: nnx.Module) -> tuple[dict, dict]:

@@ -117,12 +117,6 @@ def bn_group_count(replicas_per_group: int, data_axis_size: int) -> int:
   return data_axis_size // replicas_per_group
 
 
-def _graphdef(module_spec):
-  abstract = nnx.eval_shape(lambda: module_spec.build(0))
-  graphdef, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
-  return graphdef
-
-
 class TrainTask:
   """The state layout, the init, the step functions and their shardings.
 
@@ -178,7 +172,8 @@ class TrainTask:
                                              total_epochs=total_epochs)
     self._jitted = {}
     self.graphdef = model.graphdef()
-    self._extra_graphdefs = {e.name: _graphdef(e.spec) for e in self.extras}
+    self._extra_graphdefs = {e.name: state_lib.graphdef_of(e.spec)
+                             for e in self.extras}
     self.batch_sharding = mesh_lib.data_sharding(mesh)
     self.replicated = mesh_lib.replicated(mesh)
     self.abstract_state = jax.eval_shape(self.init)
