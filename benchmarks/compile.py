@@ -178,26 +178,16 @@ def _total_gib(memory: dict) -> float:
 
 
 def step_memory_gib(gradient_row: dict, update_row: dict) -> float | None:
-  """A train step's peak, the two programs run one after the other.
-
-  The whole state and the batch live through both; the gradients and
-  statistics from the gradient program's end to the update's; on top come
-  the larger of the gradient program's temporaries and what the update
-  program adds (its temporaries and non-donated outputs). The state comes
-  from the task's shapes, not from the programs' arguments: jit drops the
-  arguments a program does not read, and the gradient program reads
-  neither the optimizer slots nor the weight average.
-  """
+  """A train step's peak, the two programs run one after the other, as the
+  trainer reports it (`compilation.step_memory`)."""
+  from effnetv2_jax.training import compilation
   gradient = gradient_row.get('memory_bytes')
   update = update_row.get('memory_bytes')
   if not gradient or not update:
     return None
-  update_adds = (update.get('output_size_in_bytes', 0)
-                 - update.get('alias_size_in_bytes', 0)
-                 + update.get('temp_size_in_bytes', 0))
-  return (gradient_row['state_bytes'] + gradient_row['batch_bytes']
-          + gradient.get('output_size_in_bytes', 0)
-          + max(gradient.get('temp_size_in_bytes', 0), update_adds)) / 2**30
+  return _total_gib(compilation.step_memory(
+      gradient, update, state_bytes=gradient_row['state_bytes'],
+      batch_bytes=gradient_row['batch_bytes']))
 
 
 def _flat_program(task, kind: str, *shape: int):
