@@ -2,7 +2,9 @@
 
 Everything that distinguishes one variant from another lives in this file as
 plain data: the official block tables (google/automl `effnetv2_configs.py`),
-the width/depth multipliers of B0-B3 and the rounding rules. The Flax modules
+the width/depth multipliers of B0-B3 and the rounding rules. EfficientNet-V1
+B0-B7 (Tan & Le 2019; google/automl `efficientnet_builder.py`) are rows of
+the same kind: MBConv-only stages, built by the same modules. The Flax modules
 in `efficientnetv2.py` only interpret an `Architecture`; a NAS driver builds
 new networks by writing a new `Architecture` (or a block-string list) and never
 touches module code.
@@ -112,6 +114,9 @@ class Architecture:
   train_size: int = 300
   eval_size: int = 384
   normalization: str = 'inception'  # (x-128)/128; 'imagenet' = mean/std
+  # EfficientNet-V1's filter rounding never rounds a width down by more than
+  # 10%; EfficientNetV2's official code dropped that guard.
+  round_down_guard: bool = False
 
   def __post_init__(self):
     if not self.stages:
@@ -120,10 +125,16 @@ class Architecture:
       raise ValueError('width and depth multipliers must be positive')
 
   def round_filters(self, filters: int) -> int:
-    """Official rounding: nearest multiple of 8, no 10% round-down guard."""
+    """Official rounding: the scaled width to the nearest multiple of
+    `depth_divisor`, at least `min_depth`; with `round_down_guard` (V1) one
+    divisor more where that lost over 10% of the scaled width."""
     scaled = filters * self.width_multiplier
-    rounded = int(scaled + self.depth_divisor / 2) // self.depth_divisor
-    return max(self.min_depth, rounded * self.depth_divisor)
+    divisor = self.depth_divisor
+    rounded = max(self.min_depth,
+                  int(scaled + divisor / 2) // divisor * divisor)
+    if self.round_down_guard and rounded < 0.9 * scaled:
+      rounded += divisor
+    return rounded
 
   def round_repeats(self, repeats: int) -> int:
     return int(math.ceil(self.depth_multiplier * repeats))
@@ -171,9 +182,17 @@ class Architecture:
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict:
-    """Plain JSON-able description (block strings), e.g. for NAS records."""
+    """Plain JSON-able description (block strings), e.g. for NAS records.
+
+    Fields added after checkpoints were first written are left out while
+    they hold their default, so a stored model dict still equals the one
+    its architecture gives today.
+    """
     d = dataclasses.asdict(self)
     d['stages'] = [s.to_string() for s in self.stages]
+    for field in _OMITTED_AT_DEFAULT:
+      if d[field] == _FIELD_DEFAULTS[field]:
+        del d[field]
     return d
 
   @classmethod
@@ -183,6 +202,10 @@ class Architecture:
         s if isinstance(s, StageSpec) else parse_block_string(s)
         for s in d['stages'])
     return cls(**d)
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Architecture)}
+_OMITTED_AT_DEFAULT = ('round_down_guard',)
 
 
 def _stages(strings: Sequence[str]) -> tuple[StageSpec, ...]:
@@ -251,11 +274,48 @@ _VARIANTS = {
 
 VARIANTS = tuple(_VARIANTS)
 
+# EfficientNet-V1 (Tan & Le 2019): `_DEFAULT_BLOCKS_ARGS` of the official
+# efficientnet_builder.py (its `s11`/`s22` strides written `s1`/`s2`). Every
+# stage is an MBConv with SE 0.25 of the block's input width; the first
+# one has no expansion convolution (e1). V1's BN momentum (0.99 where V2
+# uses 0.9) is a model option (config.model.bn_momentum), not table data.
+_V1 = _stages([
+    'r1_k3_s1_e1_i32_o16_se0.25',
+    'r2_k3_s2_e6_i16_o24_se0.25',
+    'r2_k5_s2_e6_i24_o40_se0.25',
+    'r3_k3_s2_e6_i40_o80_se0.25',
+    'r3_k5_s1_e6_i80_o112_se0.25',
+    'r4_k5_s2_e6_i112_o192_se0.25',
+    'r1_k3_s1_e6_i192_o320_se0.25',
+])
+
+# `efficientnet_params` of the official builder: (width, depth, resolution,
+# dropout), laid out as the V2 rows; V1 trains and evaluates at one size.
+_V1_VARIANTS = {
+    'efficientnet-b0': (_V1, 1.0, 1.0, 224, 224, 0.2, 'imagenet'),
+    'efficientnet-b1': (_V1, 1.0, 1.1, 240, 240, 0.2, 'imagenet'),
+    'efficientnet-b2': (_V1, 1.1, 1.2, 260, 260, 0.3, 'imagenet'),
+    'efficientnet-b3': (_V1, 1.2, 1.4, 300, 300, 0.3, 'imagenet'),
+    'efficientnet-b4': (_V1, 1.4, 1.8, 380, 380, 0.4, 'imagenet'),
+    'efficientnet-b5': (_V1, 1.6, 2.2, 456, 456, 0.4, 'imagenet'),
+    'efficientnet-b6': (_V1, 1.8, 2.6, 528, 528, 0.5, 'imagenet'),
+    'efficientnet-b7': (_V1, 2.0, 3.1, 600, 600, 0.5, 'imagenet'),
+}
+
+V1_VARIANTS = tuple(_V1_VARIANTS)
+
 # Trainable parameter counts at 1000 classes, from the official unit test
 # (effnetv2_model_test.py counts BN moving statistics too; these exclude them).
 OFFICIAL_PARAMS = {
     's': 21_458_488, 'm': 54_139_356, 'l': 118_515_272, 'xl': 208_119_808,
     'b0': 7_139_704, 'b1': 8_141_052, 'b2': 10_096_086, 'b3': 14_358_406,
+    # EfficientNet-V1: the published trainable counts of its ports (timm's
+    # efficientnet_b0..b7 and tf_efficientnet_*, keras.applications
+    # EfficientNetB0..B7).
+    'efficientnet-b0': 5_288_548, 'efficientnet-b1': 7_794_184,
+    'efficientnet-b2': 9_109_994, 'efficientnet-b3': 12_233_232,
+    'efficientnet-b4': 19_341_616, 'efficientnet-b5': 30_389_784,
+    'efficientnet-b6': 43_040_704, 'efficientnet-b7': 66_347_960,
 }
 
 # Reference MACs (G, convs + SE + FC) at (train size, eval size).
@@ -275,6 +335,11 @@ PAPER_FIGURES = {
 
 
 def normalize_variant_name(name: str) -> str:
+  """An EfficientNetV2 variant's key ('s', 'b0', ...) from any spelling of it.
+
+  V1 names are not accepted here: the V2 recipes, converters and tables
+  use this; `get_architecture` accepts both families.
+  """
   key = name.lower().strip()
   for prefix in ('efficientnetv2-', 'efficientnetv2_', 'tf_efficientnetv2_'):
     if key.startswith(prefix):
@@ -286,14 +351,50 @@ def normalize_variant_name(name: str) -> str:
   return key
 
 
+# 'efficientnet-b4', 'efficientnet_b4', 'EfficientNetB4' (keras),
+# 'tf_efficientnet_b4' (timm), 'v1-b4'; never an 'efficientnetv2' name.
+_V1_NAME = re.compile(r'^(?:(?:tf_)?efficientnet[-_]?|v1[-_])(b\d+)$')
+
+
+def normalize_v1_name(name: str) -> str | None:
+  """'efficientnet-bN' for a spelling of an EfficientNet-V1 name, else None.
+
+  Raises:
+    ValueError: a V1-style name of a variant not in the table (b8, l2).
+  """
+  match = _V1_NAME.match(name.lower().strip())
+  if not match:
+    return None
+  key = f'efficientnet-{match.group(1)}'
+  if key not in _V1_VARIANTS:
+    raise ValueError(f'unknown EfficientNet (V1) variant {name!r}; choose one '
+                     f'of {", ".join(V1_VARIANTS)}')
+  return key
+
+
+def canonical_name(name: str) -> str:
+  """The table key of a V2 ('s', 'b0') or V1 ('efficientnet-b0') variant."""
+  v1 = normalize_v1_name(name)
+  if v1 is not None:
+    return v1
+  try:
+    return normalize_variant_name(name)
+  except ValueError as e:
+    raise ValueError(f'{e}; or an EfficientNet (V1) variant: '
+                     f'{", ".join(V1_VARIANTS)}') from None
+
+
 def get_architecture(name: str) -> Architecture:
-  """The official architecture of a named variant (s, m, l, xl, b0..b3)."""
-  key = normalize_variant_name(name)
-  stages, width, depth, train, evals, dropout, norm = _VARIANTS[key]
+  """The official architecture of a named variant: EfficientNetV2 s, m, l,
+  xl, b0..b3, or EfficientNet-V1 efficientnet-b0..efficientnet-b7."""
+  key = canonical_name(name)
+  v1 = key in _V1_VARIANTS
+  row = _V1_VARIANTS[key] if v1 else _VARIANTS[key]
+  stages, width, depth, train, evals, dropout, norm = row
   return Architecture(
       name=key, stages=stages, width_multiplier=width, depth_multiplier=depth,
       dropout_rate=dropout, train_size=train, eval_size=evals,
-      normalization=norm)
+      normalization=norm, round_down_guard=v1)
 
 
 def scaled(arch: Architecture, *, width: float = 1.0, depth: float = 1.0,
