@@ -5,14 +5,22 @@ it turns a plain description (a variant name, a dict from a config or a JSON
 file, or a family's own description object) into a module, and answers the
 questions a run asks of a network before building it: its train and eval
 image sizes, its input normalisation, and a plain-dict form to store beside
-weights. EfficientNetV2 (and its V1-style B0-B3 rows) is the family today;
-token models register beside it with `register`.
+weights. EfficientNetV2 (with its B0-B3 rows and the EfficientNet-V1 B0-B7
+rows) is the family today; token models register beside it with `register`.
+
+A description may also be the path of a JSON file holding a description dict
+(`Architecture.to_dict()`, possibly naming its 'family'): a string ending in
+'.json' or with a directory part ('./arch', 'gs://bucket/arch.json') is read
+as one. `resolve` reads it and parses the dict; what a run stores (`to_dict`)
+is that dict, never the path.
 
 Importable without tensorflow or ml_collections.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Mapping, Protocol
 
 from flax import nnx
@@ -54,6 +62,8 @@ class EfficientNetV2Family:
   def parse(self, description: Any) -> arch_lib.Architecture:
     if isinstance(description, arch_lib.Architecture):
       return description
+    if is_description_file(description):
+      return self.parse(read_description_file(description))
     if isinstance(description, str):
       return arch_lib.get_architecture(description)
     if isinstance(description, Mapping):
@@ -108,8 +118,10 @@ def get(name: str) -> ModelFamily:
 
 
 def family_of(description: Any) -> ModelFamily:
-  """The family a description names (a dict's 'family' key), else the
-  default one."""
+  """The family a description names (a dict's 'family' key, also in a JSON
+  file), else the default one."""
+  if is_description_file(description):
+    description = read_description_file(description)
   if isinstance(description, Mapping) and 'family' in description:
     return get(description['family'])
   for family in _FAMILIES.values():
@@ -117,3 +129,51 @@ def family_of(description: Any) -> ModelFamily:
       return family
   return get(DEFAULT_FAMILY)
 
+
+def resolve(description: Any) -> tuple[ModelFamily, Any]:
+  """(its family, the parsed description) of a description; a JSON file's
+  path is read once and its dict parsed by the family it names.
+
+  Raises:
+    ValueError, TypeError, KeyError: a description no family accepts, or a
+      file that cannot be read as a description dict.
+  """
+  if is_description_file(description):
+    description = read_description_file(description)
+  family = family_of(description)
+  return family, family.parse(description)
+
+
+def is_description_file(description: Any) -> bool:
+  """Whether a description is the path of a JSON description file.
+
+  Variant names have no '/' and no '.json', so a path is told from a name
+  by its form, not by whether such a file happens to exist.
+  """
+  return isinstance(description, str) and (
+      description.lower().endswith('.json') or '/' in description
+      or os.sep in description)
+
+
+def read_description_file(path: str) -> dict:
+  """The description dict a JSON file holds.
+
+  Raises:
+    ValueError: one line naming the path: it is missing or unreadable, not
+      JSON, or JSON that is not an object.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    text = epath.Path(path).read_text()
+  except OSError as e:
+    raise ValueError(f'cannot read {path}: {e.strerror or e}') from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path} is not a text file: {e}') from None
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not JSON: {e}') from None
+  if not isinstance(data, dict):
+    raise ValueError(f'{path} holds a JSON {type(data).__name__}, not a '
+                     'description dict (Architecture.to_dict())')
+  return data

@@ -73,10 +73,11 @@ def _pair(config, key: str, low: float, high: float,
 
 def resolve_architecture(arch_value):
   """The network description config.model.arch names (for EfficientNetV2
-  an `Architecture`; a dict may name another registered family), or a
-  ConfigError naming the key."""
+  an `Architecture`; a dict may name another registered family; a path to a
+  JSON file holds such a dict), or a ConfigError naming the key."""
   try:
-    return families.family_of(arch_value).parse(arch_value)
+    _, description = families.resolve(arch_value)
+    return description
   except (ValueError, TypeError, KeyError) as e:
     raise ConfigError(f'config.model.arch={arch_value!r}: {e}') from None
 
