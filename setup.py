@@ -46,12 +46,15 @@ REFERENCE = [
     'keras==3.15.1',
 ]
 
+NAS = ['pyglove==0.4.5', 'ray[tune]==2.60.0']
+
 EXTRAS = {
     # Reading timm .pth/.safetensors and Keras .weights.h5 files.
     'convert': ['torch==2.13.0', 'torchvision==0.28.0', 'safetensors==0.8.0',
                 'keras==3.15.1'],
-    'test': REFERENCE + ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
-    'nas': ['pyglove==0.4.5', 'ray[tune]==2.60.0'],
+    # The architecture search: PyGlove's algorithms, Ray Tune for clusters.
+    'nas': NAS,
+    'test': REFERENCE + NAS + ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
     'colab': ['nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0'],
 }
 

@@ -218,7 +218,11 @@ class Search:
   """The driver's state over one workdir, rebuilt from its ledger."""
 
   def __init__(self, config, workdir: str):
-    from effnetv2_jax.nas import algorithms, space  # pylint: disable=g-import-not-at-top
+    try:
+      from effnetv2_jax.nas import algorithms, space  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f'the search needs PyGlove ({e}): pip install -e '
+                        '".[nas]"') from None
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     check_unchanged(workdir, config)

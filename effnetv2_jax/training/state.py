@@ -61,9 +61,11 @@ class ModelSpec:
 
   def __init__(self, description: Any, num_classes: int, *,
                family: str | None = None, **options):
-    self.family = (families.get(family) if family
-                   else families.family_of(description))
-    self.description = self.family.parse(description)
+    if family:
+      self.family = families.get(family)
+      self.description = self.family.parse(description)
+    else:  # a JSON file's path is read once, by the family it names
+      self.family, self.description = families.resolve(description)
     self.num_classes = int(num_classes)
     self.options = dict(options)
 
