@@ -1,0 +1,1 @@
+"""Training-aware neural architecture search (EfficientNetV2 §3.3)."""
