@@ -43,7 +43,6 @@ DEFAULT_OPTIONS = {
                   'entropy': 0.0, 'failed_reward': 0.0,
                   'optimizer': 'adam'},
 }
-_OPTIONS = DEFAULT_OPTIONS  # the name search.py reads today
 
 
 class SearchAlgorithm(Protocol):

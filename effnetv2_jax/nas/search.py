@@ -232,7 +232,7 @@ class Search:
     name = config.search.algorithm
     # algorithm_options holds every algorithm's settings; each takes its own.
     options = {k: v for k, v in config.search.algorithm_options.items()
-               if k in algorithms._OPTIONS[name]}  # pylint: disable=protected-access
+               if k in algorithms.DEFAULT_OPTIONS[name]}
     self.algorithm = algorithms.make_algorithm(
         name, self.space, seed=config.search.seed, options=options)
     self.ledger = ledger_lib.Ledger(os.path.join(workdir, LEDGER_FILE))
