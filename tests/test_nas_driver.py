@@ -421,3 +421,55 @@ def test_nas_docstring_commands_parse():
       path, _, arg = spec.partition(':')
       assert path == 'configs/nas.py'
       search_lib.validate(load_config('nas', arg))
+
+
+def test_early_stopping_stops_trials_below_the_median(tmp_path, fake_trials):
+  fake_trials.setenv('FAKE_TRIAL_STAGE_SLEEP_S', '0.6')
+  config = _fake_config(**{
+      'search.num_trials': 8, 'search.max_in_flight': 1,
+      'search.algorithm': 'random', 'search.early_stopping.enabled': True,
+      'search.early_stopping.min_completed': 2})
+  state = _run_search(tmp_path, config)
+  records = [r for r in state.records().values() if r['kind'] == 'candidate']
+  stopped = [r for r in records if 'early stopped' in r.get('reason', '')]
+  assert stopped, [r.get('metrics', {}).get('accuracy') for r in records]
+  # One trial at a time: each decision is checkable against the trials
+  # completed before it started.
+  for i, r in enumerate(records):
+    earlier = [e['metrics']['stage_accuracies'] for e in records[:i]
+               if e['status'] == 'completed']
+    from nas_fake_trial import fake_metrics
+    first_stage = fake_metrics({'architecture': r['architecture']})[
+        'stage_accuracies'][:1]
+    expected = search_lib.median_rule(first_stage, earlier, 2)
+    assert (r['status'] == 'failed') == (expected is not None), r
+    if expected:
+      assert r['reason'] == expected
+
+
+def test_spearman():
+  assert report.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+  assert report.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+  # Ties take their mean rank, as in scipy.
+  from scipy import stats
+  x, y = [1, 2, 2, 3, 5, 7, 7], [2, 1, 4, 3, 6, 6, 0]
+  assert report.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+  with pytest.raises(ValueError):
+    report.spearman([1], [1])
+
+
+def test_ranking_benchmark_lists_top_and_bottom_retrainings(
+    tmp_path, fake_trials):
+  _run_search(tmp_path, _fake_config(**{'search.num_trials': 5}))
+  out = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.nas_ranking',
+       f'--workdir={tmp_path}', '--top', '2', '--bottom', '2', '--seeds',
+       '0', '1', '--print-commands'], cwd=REPO, capture_output=True,
+      text=True, check=True).stdout.splitlines()
+  assert len(out) == 8  # 4 architectures x 2 seeds
+  assert all('effnetv2_jax.main' in line and '--config.model.arch=' in line
+             for line in out)
+  assert {line.split('--config.seed=')[1].split()[0] for line in out} == {
+      '0', '1'}
+  ranks = sorted({line.split('ranking/rank')[1][:2] for line in out})
+  assert ranks == ['01', '02', '04', '05']

@@ -217,3 +217,29 @@ def export_architecture(rows: Sequence[Row], rank: int, output: str) -> Row:
     json.dump(architecture, f, indent=1)
     f.write('\n')
   return row
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+  """Spearman's rank correlation (ties get their mean rank)."""
+  if len(x) != len(y) or len(x) < 2:
+    raise ValueError(f'need two equal-length sequences of >= 2 values, got '
+                     f'{len(x)} and {len(y)}')
+
+  def ranks(values):
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+      j = i
+      while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+        j += 1
+      for k in range(i, j + 1):
+        out[order[k]] = (i + j) / 2 + 1
+      i = j + 1
+    return out
+
+  rx, ry = ranks(list(x)), ranks(list(y))
+  mx, my = statistics.mean(rx), statistics.mean(ry)
+  cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+  norm = (sum((a - mx)**2 for a in rx) * sum((b - my)**2 for b in ry))**0.5
+  return cov / norm if norm else float('nan')

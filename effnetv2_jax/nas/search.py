@@ -452,7 +452,7 @@ class Search:
             + (f'{best["reward"]:.4f} (trial {best["trial_id"]}, '
                f'top-1 {best["metrics"]["accuracy"]:.4f})' if best else '-')
             + f', elapsed {reporting.format_duration(time.time() - self.started_at)}'
-            + (f', ETA {reporting.format_duration(eta)}' if left else ''))
+            + (f', ETA {reporting.format_duration(eta)}' if eta else ''))
 
 
 def final_image_size(trial_config, architecture: Mapping[str, Any]) -> int:
