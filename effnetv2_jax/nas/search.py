@@ -54,9 +54,12 @@ def default_search_config():
   s = ml_collections.ConfigDict()
   s.backbone = 'tiny'  # nas.space.backbone names
   s.algorithm = 'evolution'  # random | evolution | reinforce | nsga2
+  # Every algorithm's settings; each takes its own (algorithms.py).
   s.algorithm_options = ml_collections.ConfigDict(dict(
-      population_size=8, tournament_size=3, learning_rate=0.1,
-      baseline_decay=0.9, entropy=0.0, failed_reward=0.0))
+      population_size=20, tournament_size=5,
+      mutation_prob=ml_collections.config_dict.placeholder(float),
+      learning_rate=0.05, baseline_decay=0.95, entropy=0.0,
+      failed_reward=0.0, optimizer='adam'))
   s.num_trials = 16
   s.max_in_flight = 2
   s.devices_per_trial = 0  # 0: the host's devices split evenly among slots
@@ -354,9 +357,10 @@ class Search:
     timing['image_size'] = final_image_size(trial_config, job.architecture)
     directory = self.trial_dir(job.trial_id)
     os.makedirs(directory, exist_ok=True)
-    stale = os.path.join(directory, 'result.json')
-    if os.path.exists(stale):
-      os.remove(stale)
+    for stale in ('result.json', 'trained.json'):  # a killed attempt's
+      path = os.path.join(directory, stale)
+      if os.path.exists(path):
+        os.remove(path)
     ledger_lib.write_json_atomic(os.path.join(directory, 'job.json'), dict(
         trial_id=job.trial_id, kind=job.kind, architecture=job.architecture,
         config=json.loads(trial_config.to_json()), cache_dir=self.cache_dir,

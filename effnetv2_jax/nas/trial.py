@@ -6,8 +6,15 @@ reads TRIAL_DIR/job.json (written by the driver), then
   * a candidate trains with `train_and_evaluate` for the search's short
     budget (the job's trainer config; no checkpoints, TensorBoard, plots or
     export) and is evaluated on the holdout split carved from train, never
-    the test split; then its step is timed (`timing`);
-  * a reference (the backbone, re-timed during the search) is only timed.
+    the test split; its metrics go to TRIAL_DIR/trained.json and the process
+    replaces itself (exec, same pid) by the timing phase,
+    `python -m effnetv2_jax.nas.trial TRIAL_DIR time`;
+  * a reference (the backbone, re-timed during the search) starts at the
+    timing phase.
+Every step time is thus measured in a process that has done nothing else:
+timed in the process that had just trained, the digits backbone stepped 18%
+slower than in a fresh one (README, "Architecture search"), which would have
+biased every candidate against the reference.
 The outcome goes to TRIAL_DIR/result.json, written atomically; the run's own
 files (metrics.jsonl with the stage-end evals the driver's early-stopping
 rule reads, summary.json) to TRIAL_DIR/run. A trial whose loss diverges
@@ -32,6 +39,7 @@ CPUS_ENV = 'EFFNETV2_NAS_CPUS'
 DRIVER_PID_ENV = 'EFFNETV2_NAS_DRIVER_PID'
 JOB_FILE = 'job.json'
 RESULT_FILE = 'result.json'
+TRAINED_FILE = 'trained.json'  # the training phase's metrics
 RUN_DIR = 'run'
 EXIT_STOPPED = 143  # stopped by the driver (SIGTERM): early stopping
 
@@ -128,35 +136,61 @@ def time_step(config, timing: dict) -> dict:
               devices=jax.device_count())
 
 
-def run(job: dict, trial_dir: str) -> dict:
-  """The trial's result record."""
+def train_phase(job: dict, trial_dir: str) -> dict | None:
+  """Trains a candidate and writes TRIAL_DIR/trained.json; returns the final
+  result instead when the training failed or was stopped."""
   from effnetv2_jax.training import trainer  # pylint: disable=g-import-not-at-top
   start = time.time()
   config = trainer_config(job)
-  metrics = {}
+  try:
+    summary, metrics = train(config, os.path.join(trial_dir, RUN_DIR))
+  except trainer.NonFiniteLossError as e:
+    return dict(status='failed', reason=f'diverged: {e}',
+                wall_time_s=time.time() - start)
+  if summary['status'] != 'completed':
+    return dict(status='stopped', reason='stopped by the driver',
+                metrics=metrics, wall_time_s=time.time() - start)
+  from effnetv2_jax.nas import ledger  # pylint: disable=g-import-not-at-top
+  ledger.write_json_atomic(os.path.join(trial_dir, TRAINED_FILE), dict(
+      metrics=metrics, wall_time_s=time.time() - start))
+  return None
+
+
+def time_phase(job: dict, trial_dir: str) -> dict:
+  """Times the step (in a process that has done nothing else) and returns
+  the trial's result, with the training's metrics for a candidate."""
+  from effnetv2_jax.nas import ledger  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  trained = {'metrics': {}, 'wall_time_s': 0.0}
   if job['kind'] == 'candidate':
-    try:
-      summary, metrics = train(config, os.path.join(trial_dir, RUN_DIR))
-    except trainer.NonFiniteLossError as e:
-      return dict(status='failed', reason=f'diverged: {e}',
-                  wall_time_s=time.time() - start)
-    if summary['status'] != 'completed':
-      return dict(status='stopped', reason='stopped by the driver',
-                  metrics=metrics, wall_time_s=time.time() - start)
-  timing_start = time.time()
-  timed = time_step(config, job['timing'])
+    trained = ledger.read_json(os.path.join(trial_dir, TRAINED_FILE))
+    if trained is None:
+      return dict(status='failed', reason=f'no {TRAINED_FILE}: the training '
+                  'phase did not finish')
+  metrics = dict(trained['metrics'])
+  timed = time_step(trainer_config(job), job['timing'])
   metrics.update(
       step_time_s=timed['step_time_s'], hardware=timed['hardware'],
       params=timed['params'], timing=timed,
       programs=metrics.get('programs', []) + timed['programs'],
-      timing_wall_time_s=time.time() - timing_start)
+      timing_wall_time_s=time.time() - start)
   return dict(status='completed', metrics=metrics,
-              wall_time_s=time.time() - start)
+              wall_time_s=trained['wall_time_s'] + time.time() - start)
+
+
+def _time_in_a_fresh_process(trial_dir: str) -> None:
+  """Replaces this process by the timing phase (same pid, so the driver
+  still waits on it; all memory and devices released)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  module = __spec__.name if __spec__ else 'effnetv2_jax.nas.trial'
+  os.execv(sys.executable, [sys.executable, '-m', module, trial_dir, 'time'])
 
 
 def main(argv) -> int:
-  if len(argv) != 2:
-    print('usage: python -m effnetv2_jax.nas.trial TRIAL_DIR', file=sys.stderr)
+  if len(argv) not in (2, 3) or argv[2:] not in ([], ['time']):
+    print('usage: python -m effnetv2_jax.nas.trial TRIAL_DIR [time]',
+          file=sys.stderr)
     return 2
   die_with_driver()
   pin_cpus()
@@ -168,7 +202,12 @@ def main(argv) -> int:
   if job is None:
     print(f'error: no readable {JOB_FILE} in {trial_dir}', file=sys.stderr)
     return 2
-  result = run(job, trial_dir)
+  if job['kind'] == 'candidate' and argv[2:] != ['time']:
+    result = train_phase(job, trial_dir)
+    if result is None:
+      _time_in_a_fresh_process(trial_dir)
+  else:
+    result = time_phase(job, trial_dir)
   result['trial_id'] = job['trial_id']
   ledger.write_json_atomic(os.path.join(trial_dir, RESULT_FILE), result)
   print(f'trial {job["trial_id"]}: {result["status"]}', flush=True)
