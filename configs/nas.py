@@ -49,6 +49,14 @@ def search_config(**overrides):
   return s
 
 
+def _small_evolution(search):
+  # A population of 8 (tournaments of 3): evolution starts mutating after
+  # half of a 16-trial search instead of never.
+  search.algorithm_options.population_size = 8
+  search.algorithm_options.tournament_size = 3
+  return search
+
+
 def _tiny():
   t = recipes.base_config()
   t.experiment = 'nas_tiny_trial'
@@ -70,8 +78,8 @@ def _tiny():
   t.eval.image_size = 24
   t.eval.every_steps = 0
   t.log_every_steps = 10
-  return t, search_config(backbone='tiny', num_trials=4, time_limit_s=300.0,
-                          reference_every=4)
+  return t, _small_evolution(search_config(
+      backbone='tiny', num_trials=4, time_limit_s=300.0, reference_every=4))
 
 
 def _digits():
@@ -90,9 +98,9 @@ def _digits():
   t.eval.batch_size = 144
   t.log_every_steps = 20
   t.progress_bar = 'off'
-  return t, search_config(
+  return t, _small_evolution(search_config(
       backbone='digits', num_trials=16, time_limit_s=900.0,
-      reference_every=8)
+      reference_every=8))
 
 
 def _b4_imagenet():

@@ -75,12 +75,15 @@ def ranked(records: Mapping[int, dict], w: float, v: float) -> list[Row]:
 
 
 def table(rows: Sequence[Row], top_k: int) -> str:
-  header = (f'{"rank":>4} {"trial":>5}  {"stages":<40} {"A":>7} {"S":>6} '
-            f'{"P":>6} {"params":>9} {"reward":>7}')
+  """The top-k rows: stage summary (block letter, layers, kernel,
+  expansion per stage), A, S, P, parameters, reward."""
+  width = max([len(r.description) for r in rows[:top_k]] + [6])
+  header = (f'{"rank":>4} {"trial":>5}  {"stages":<{width}} {"A":>7} '
+            f'{"S":>6} {"P":>6} {"params":>9} {"reward":>7}')
   lines = [header, '-' * len(header)]
   for rank, row in enumerate(rows[:top_k], 1):
     lines.append(
-        f'{rank:>4} {row.trial_id:>5}  {row.description[:40]:<40} '
+        f'{rank:>4} {row.trial_id:>5}  {row.description:<{width}} '
         f'{row.accuracy:>7.4f} {row.score.step_time_ratio:>6.3f} '
         f'{row.score.params_ratio:>6.3f} {row.params:>9,} '
         f'{row.score.reward:>7.4f}')
