@@ -20,6 +20,7 @@ import sys
 import time
 
 from effnetv2_jax.nas import ledger
+from effnetv2_jax.nas import trial
 
 
 def fake_metrics(job: dict) -> dict:
@@ -35,6 +36,7 @@ def fake_metrics(job: dict) -> dict:
 
 
 def main(trial_dir: str) -> int:
+  trial.die_with_driver()
   job = ledger.read_json(os.path.join(trial_dir, 'job.json'))
   behaviour = json.loads(os.environ.get('FAKE_TRIAL_BEHAVIOUR', '{}')).get(
       str(job['trial_id']), 'ok')
