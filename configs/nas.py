@@ -38,13 +38,13 @@ config: any of its keys can be changed with --config.trial.<key>=<value>.
 import ml_collections
 
 from effnetv2_jax.models import small
-from effnetv2_jax.nas import search as search_lib
+from effnetv2_jax.nas import settings
 from effnetv2_jax.training import recipes
 
 
 def search_config(**overrides):
-  """`search.default_search_config()` with this setting's values."""
-  s = search_lib.default_search_config()
+  """`settings.default_search_config()` with this setting's values."""
+  s = settings.default_search_config()
   s.update(overrides)
   return s
 

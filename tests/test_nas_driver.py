@@ -6,7 +6,6 @@ trains real candidates (configs/nas.py:tiny).
 """
 
 import json
-import math
 import multiprocessing
 import os
 import random
@@ -22,6 +21,7 @@ from effnetv2_jax.nas import local
 from effnetv2_jax.nas import report
 from effnetv2_jax.nas import reward as reward_lib
 from effnetv2_jax.nas import search as search_lib
+from effnetv2_jax.nas import settings
 from config_files import REPO, load_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -172,7 +172,7 @@ def fake_trials(monkeypatch):
     ('search.backbone', 'efficientnet-z9', 'config.search.backbone'),
 ])
 def test_bad_search_config_is_one_line(tmp_path, key, value, message):
-  with pytest.raises(search_lib.SearchConfigError) as e:
+  with pytest.raises(settings.SearchConfigError) as e:
     search_lib.Search(_fake_config(**{key: value}), str(tmp_path))
   assert message in str(e.value)
   assert '\n' not in str(e.value)
@@ -180,11 +180,11 @@ def test_bad_search_config_is_one_line(tmp_path, key, value, message):
 
 def test_changed_config_on_restart_is_refused(tmp_path):
   search_lib.Search(_fake_config(), str(tmp_path))
-  with pytest.raises(search_lib.SearchConfigError,
+  with pytest.raises(settings.SearchConfigError,
                      match=r'config\.search\.algorithm changed'):
     search_lib.Search(_fake_config(**{'search.algorithm': 'random'}),
                       str(tmp_path))
-  with pytest.raises(search_lib.SearchConfigError,
+  with pytest.raises(settings.SearchConfigError,
                      match=r'config\.trial\.train\.epochs changed'):
     search_lib.Search(_fake_config(**{'trial.train.epochs': 3.0}),
                       str(tmp_path))
@@ -390,7 +390,7 @@ def test_nas_settings_validate_and_plan(setting, tmp_path):
   from effnetv2_jax.nas import space
   from effnetv2_jax.training import config_checks, progressive, recipes
   config = load_config('nas', setting)
-  search_lib.validate(config)
+  settings.validate(config)
   trial = config.trial
   backbone = space.backbone(config.search.backbone)
   trial.model.arch = backbone.to_dict()  # what each trial gets instead
@@ -420,7 +420,7 @@ def test_nas_docstring_commands_parse():
     if spec:
       path, _, arg = spec.partition(':')
       assert path == 'configs/nas.py'
-      search_lib.validate(load_config('nas', arg))
+      settings.validate(load_config('nas', arg))
 
 
 def test_early_stopping_stops_trials_below_the_median(tmp_path, fake_trials):

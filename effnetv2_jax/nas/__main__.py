@@ -65,7 +65,7 @@ def _search_command(argv: list[str]) -> None:
 
 
 def _search(config, workdir: str, backend_name: str, address) -> int:
-  from effnetv2_jax.nas import local, search  # pylint: disable=g-import-not-at-top
+  from effnetv2_jax.nas import local, search, settings  # pylint: disable=g-import-not-at-top
   try:
     state = search.Search(config, workdir)
     if backend_name == 'ray':
@@ -73,7 +73,7 @@ def _search(config, workdir: str, backend_name: str, address) -> int:
       backend = ray_backend.RayBackend(state, address=address)
     else:
       backend = local.LocalBackend(state)
-  except (search.SearchConfigError, local.DeviceError, ImportError) as e:
+  except (settings.SearchConfigError, local.DeviceError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return USAGE_EXIT_STATUS
   print(state.progress_line(), flush=True)

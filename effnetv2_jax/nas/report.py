@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 from effnetv2_jax.nas import ledger as ledger_lib
 from effnetv2_jax.nas import reward as reward_lib
 from effnetv2_jax.nas import search as search_lib
+from effnetv2_jax.nas import settings
 
 PARETO_FILE = 'pareto.png'
 
@@ -44,7 +45,7 @@ def load(workdir: str) -> tuple[dict, dict[int, dict]]:
                         'here; start a search with python -m effnetv2_jax.nas'
                         f' --config=configs/nas.py:<setting> --workdir={workdir}')
   config = ledger_lib.read_json(
-      os.path.join(workdir, search_lib.CONFIG_FILE)) or {}
+      os.path.join(workdir, settings.CONFIG_FILE)) or {}
   records = ledger_lib.trials(ledger_lib.Ledger(path).events())
   return config, {int(k): v for k, v in records.items()}
 

@@ -67,12 +67,12 @@ def trainer_config(job):
   """The trainer config the job describes, with the candidate's network, the
   holdout as the final eval split and the search's shared cache."""
   from effnetv2_jax import data  # pylint: disable=g-import-not-at-top
-  from effnetv2_jax.nas import search  # pylint: disable=g-import-not-at-top
+  from effnetv2_jax.nas import settings  # pylint: disable=g-import-not-at-top
   from effnetv2_jax.training import recipes  # pylint: disable=g-import-not-at-top
   # Leaf by leaf into the base config, so that its typed fields (model.arch
   # takes any description; pairs are tuples) stay what the trainer expects.
   config = recipes.base_config()
-  for key, value in search.flatten(job['config']).items():
+  for key, value in settings.flatten(job['config']).items():
     if key != 'model.arch':
       config.update_from_flattened_dict(
           {key: tuple(value) if isinstance(value, list) else value})
