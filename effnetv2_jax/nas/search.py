@@ -13,7 +13,8 @@ proposed: train briefly, score on the holdout, time) and a `reference` (the
 backbone, timed only, at the start and again after every
 `search.reference_every` candidates, so that S has a denominator measured
 on the same hardware during the same search, and its spread shows how far
-apart two timings of one network fall).
+apart two timings of one network fall). Both are timed the same way, in a
+fresh process on the trial's own devices (`trial`, `timing`).
 """
 
 from __future__ import annotations
