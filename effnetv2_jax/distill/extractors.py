@@ -249,7 +249,7 @@ class ConvExtractor(nnx.Module):
 
   def __call__(self, f1, *, training: bool, rng=None, bn_groups: int = 1):
     del rng  # nothing stochastic
-    _per_image_shape(self.spec, f1.shape)
+    _check_batch(self.spec, f1)
     h = f1
     for block in self.blocks:
       h = block(h, training=training, groups=bn_groups) + h
@@ -272,7 +272,7 @@ class TokenExtractor(nnx.Module):
 
   def __call__(self, f1, *, training: bool, rng=None, bn_groups: int = 1):
     del bn_groups  # no BatchNorm
-    _per_image_shape(self.spec, f1.shape)
+    _check_batch(self.spec, f1)
     keys = ([None] * len(self.blocks) if rng is None
             else list(jax.random.split(rng, len(self.blocks))))
     h = f1
@@ -291,8 +291,9 @@ def extractor_macs(spec: ExtractorSpec, input_shape: Sequence[int], *,
   kernel taps over the 'SAME' padding counted unless `padding_taps=False`.
   Transformer, per block: qkv (3ND^2), scores and their weighted sum
   (2N^2D), the output projection (ND^2) and the MLP (2N D mlp_dim).
-  Mixer, per block: the token MLP (2DN token_mlp_dim) and the channel MLP
-  (2ND mlp_dim).
+  Mixer, per block: the token MLP (2D tokens token_mlp_dim, on the token
+  count it is built for; resampling other square grids to it is free) and
+  the channel MLP (2ND mlp_dim).
 
   Args:
     spec: the extractor.
@@ -320,13 +321,16 @@ def extractor_macs(spec: ExtractorSpec, input_shape: Sequence[int], *,
     block = (4 * tokens * width * width + 2 * tokens * tokens * width
              + 2 * tokens * width * spec.mlp_dim)
   else:
-    block = (2 * width * tokens * spec.token_mlp_dim
+    block = (2 * width * spec.tokens * spec.token_mlp_dim
              + 2 * tokens * width * spec.mlp_dim)
   return spec.depth * block + head
 
 
 def _per_image_shape(spec: ExtractorSpec, input_shape) -> tuple[int, ...]:
-  """(H, W, C) or (N, D), checked against the spec."""
+  """(H, W, C) or (N, D), checked against the spec's kind and width.
+
+  A mixer's token count may differ from the one it is built for: its blocks
+  resample square token grids (progressive learning's smaller images)."""
   shape = tuple(int(n) for n in input_shape)
   rank = 3 if spec.kind in CONV_KINDS else 2
   if len(shape) == rank + 1:
@@ -338,10 +342,17 @@ def _per_image_shape(spec: ExtractorSpec, input_shape) -> tuple[int, ...]:
   if shape[-1] != spec.width:
     raise ValueError(f'extractor {spec.name!r} has width {spec.width}, '
                      f'the feature {tuple(input_shape)} has {shape[-1]}')
-  if spec.kind == 'mixer' and shape[0] != spec.tokens:
-    raise ValueError(f'extractor {spec.name!r} mixes {spec.tokens} tokens, '
-                     f'the feature {tuple(input_shape)} has {shape[0]}')
   return shape
+
+
+def _check_batch(spec: ExtractorSpec, f1) -> None:
+  """A batch of features the extractor reads: [B, H, W, C] or [B, N, D]."""
+  rank = 4 if spec.kind in CONV_KINDS else 3
+  if f1.ndim != rank:
+    layout = '[B, H, W, C]' if rank == 4 else '[B, N, D]'
+    raise ValueError(f'{spec.kind} extractor {spec.name!r} takes a '
+                     f'{layout} batch, got shape {tuple(f1.shape)}')
+  _per_image_shape(spec, f1.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -507,8 +518,9 @@ def _reason(rows, best, within, budgets) -> str:
   tied = [rows[i]['name'] for i in within
           if i != best and rows[i]['macs'] == chosen['macs']]
   if tied:
+    memory = _bytes_text(chosen['memory_bytes'])
     reason += (f'; tied on MACs with {", ".join(map(repr, tied))}, it needs '
-               f'the fewest memory bytes ({_bytes_text(chosen["memory_bytes"])})')
+               f'the fewest memory bytes ({memory})')
   return reason
 
 
