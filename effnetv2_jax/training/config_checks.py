@@ -82,6 +82,29 @@ def resolve_architecture(arch_value):
     raise ConfigError(f'config.model.arch={arch_value!r}: {e}') from None
 
 
+DISTILL_MODES = ('off', 'stacked', 'label_heads')
+DISTILL_KINDS = ('auto', 'mbconv', 'fused_mbconv', 'transformer', 'mixer')
+
+
+def _check_distill(d) -> None:
+  _require(d.mode in DISTILL_MODES, 'distill.mode', d.mode,
+           f'must be one of {DISTILL_MODES}')
+  _require(d.kind in DISTILL_KINDS, 'distill.kind', d.kind,
+           f'must be one of {DISTILL_KINDS}')
+  _require(d.distance in ('l2', 'cosine'), 'distill.distance', d.distance,
+           "must be 'l2' or 'cosine'")
+  _require(d.second in ('joint', 'frozen'), 'distill.second', d.second,
+           "must be 'joint' or 'frozen'")
+  _require(len(tuple(d.taps)) >= 1, 'distill.taps', d.taps,
+           "name at least one feature (or 'auto')")
+  for key in ('weight', 'head_weight', 'budget.max_memory_mb',
+              'budget.max_mmacs'):
+    value = d
+    for part in key.split('.'):
+      value = value[part]
+    _require(value >= 0, f'distill.{key}', value, 'must be >= 0')
+
+
 def validate(config, *, num_devices: int, data_axis_size: int | None = None,
              reference=None) -> None:
   """Raises ConfigError for the first invalid value found.
@@ -182,6 +205,8 @@ def validate(config, *, num_devices: int, data_axis_size: int | None = None,
   _pair(config, 'progressive.mixup_alpha', 0.0, 100.0)
   _pair(config, 'progressive.cutmix_alpha', 0.0, 100.0)
   _pair(config, 'progressive.dropout_rate', 0.0, 1.0, upper_open=True)
+
+  _check_distill(config.distill)
 
   holdout_problem = sources.holdout_problem(config.data.holdout)
   _require(holdout_problem is None, 'data.holdout', config.data.holdout,

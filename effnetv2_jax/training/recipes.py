@@ -136,6 +136,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from.prefer_ema = True
   c.init_from.required = False  # fine-tuning configs: fail if path is unset
 
+  # Stacked self-distillation (effnetv2_jax/distill): the model's features
+  # at the taps trained toward a second extractor stacked on them.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.mode = 'off'  # off | stacked | label_heads (the ablation)
+  c.distill.taps = ('auto',)  # feature names; auto: the last feature map
+  c.distill.kind = 'auto'  # mbconv | fused_mbconv | transformer | mixer
+  c.distill.extractor = 'auto'  # a catalogue name, or chosen by the budget
+  c.distill.weight = 1.0  # the distance's weight (lambda)
+  c.distill.head_weight = 1.0  # the task loss of the extractor's head
+  c.distill.distance = 'l2'  # l2 | cosine, normalised per tap
+  c.distill.second = 'joint'  # joint | frozen (the extractor keeps its init)
+  c.distill.budget = ml_collections.ConfigDict()
+  c.distill.budget.max_memory_mb = 0.0  # extra training memory; 0: none
+  c.distill.budget.max_mmacs = 0.0  # extra MACs per image (millions)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.model = 1

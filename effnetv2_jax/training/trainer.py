@@ -133,6 +133,9 @@ def train_and_evaluate(config, workdir: str, *,
 
   with contextlib.ExitStack() as cleanup:
     cleanup.enter_context(compilation.persistent_cache(cache_dir))
+    distill_terms, distill_extras = _distillation(config, setup, planner,
+                                                  planned)
+    terms, extras = (*terms, *distill_terms), (*extras, *distill_extras)
     task = task_lib.task_from_config(
         config, mesh=setup.mesh, model=setup.model,
         num_train_examples=setup.info.num_train_examples,
@@ -246,6 +249,28 @@ def _linear_planner(config, setup: _Setup) -> progressive.LinearStagePlanner:
   except ValueError as e:
     raise ConfigError(f'config.progressive / config.train: {e}') from None
   return progressive.LinearStagePlanner(plan)
+
+
+def _distillation(config, setup: _Setup, planner, planned):
+  """config.distill's loss term and second extractors (none when off);
+  'auto' extractors are measured and chosen here, the table printed."""
+  if config.distill.mode == 'off':
+    return (), ()
+  from effnetv2_jax.distill import setup as distill_setup  # pylint: disable=g-import-not-at-top
+  last = planned[-1]
+  choose = distill_setup.measured_chooser(
+      config, mesh=setup.mesh, model_spec=setup.model,
+      num_train_examples=setup.info.num_train_examples,
+      total_epochs=planner.total_epochs, batch_size=last.batch_size,
+      image_size=last.image_size)
+  try:
+    terms, extras, report = distill_setup.terms_and_extras(
+        config, setup.model, image_size=last.image_size, choose=choose)
+  except ValueError as e:
+    raise ConfigError(str(e) if str(e).startswith('config.') else
+                      f'config.distill: {e}') from None
+  print(f'self-distillation ({config.distill.mode}):\n{report}', flush=True)
+  return terms, extras
 
 
 def _checkpointer(workdir: str, config, options: RunOptions):
