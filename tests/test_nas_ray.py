@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -268,51 +267,6 @@ def test_ray_errors_fail_the_trial_and_interrupted_trials_are_requeued(
   restarted = search_lib.Search(_config(), workdir)
   assert interrupted.trial_id in [restarted.next_job().trial_id,
                                   restarted.next_job().trial_id]
-
-
-def test_cli_driver_killed_mid_search_resumes_from_the_ledger(tmp_path,
-                                                              ray_env):
-  workdir = tmp_path / 'search'
-  command = [sys.executable, '-m', 'effnetv2_jax.nas',
-             '--config=' + os.path.join(REPO, 'configs', 'nas.py') + ':tiny',
-             f'--workdir={workdir}', '--backend=ray',
-             '--config.search.trial_module=nas_fake_trial',
-             '--config.search.platform=cpu', '--config.search.num_trials=2']
-  # The trials sleep until the driver is killed.
-  driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, FAKE_TRIAL_SLEEP_S='120'))
-  deadline = time.time() + 60
-  running = []
-  while time.time() < deadline and driver.poll() is None and len(running) < 2:
-    time.sleep(0.2)
-    running = [e for e in _events(workdir) if e['status'] == 'running']
-  driver.send_signal(signal.SIGKILL)
-  driver.wait()
-  assert len(running) == 2, 'the Ray trials did not start'
-  assert not [e for e in _events(workdir) if e['status'] == 'completed']
-
-  restarted = subprocess.run(command, cwd=REPO, capture_output=True,
-                             text=True, timeout=150)
-  assert restarted.returncode == 0, restarted.stdout + restarted.stderr
-  assert 'done: python -m effnetv2_jax.nas report' in restarted.stdout
-  # The killed driver's trials died with it instead of racing the requeued
-  # ones (they would still be sleeping).
-  assert not [e['pid'] for e in running if _alive(e['pid'])]
-  events = _events(workdir)
-  records = ledger_lib.trials(events)
-  assert sorted(records) == [0, 1, 2]
-  assert all(r['status'] == 'completed' for r in records.values())
-  for trial_id in records:
-    log_path = os.path.join(workdir, 'trials', f'{trial_id:06d}', 'log.txt')
-    with open(log_path) as f:
-      runs = f.read().count(f'fake trial {trial_id} ')
-    assert runs == len([e for e in events if e['trial_id'] == trial_id and
-                        e['status'] == 'running'])
-  # Ray's agents of the killed instance outlive their raylet for about a
-  # minute (they exit on their own); everything else is gone.
-  assert _wait_for_no_processes(ray_env, tolerated=(
-      'ray::DashboardAgent', 'ray::RuntimeEnvAgent')) == {}
 
 
 def test_without_ray_the_backend_says_how_to_install_it(tmp_path,
