@@ -6,7 +6,13 @@ file, or a family's own description object) into a module, and answers the
 questions a run asks of a network before building it: its train and eval
 image sizes, its input normalisation, and a plain-dict form to store beside
 weights. EfficientNetV2 (with its B0-B3 rows and the EfficientNet-V1 B0-B7
-rows) is the family today; token models register beside it with `register`.
+rows) is the default family; the token models 'vit' (ViT) and 'mixer'
+(MLP-Mixer) are registered beside it, and others register with `register`.
+
+A variant name is routed to the family that lists it (`variant_names`, e.g.
+'vit-s/16', 'mixer-digits') or whose name it starts with ('vit-...',
+'mixer_...'), else to EfficientNetV2; such a name is never read as a file's
+path, although some contain a '/'.
 
 A description may also be the path of a JSON file holding a description dict
 (`Architecture.to_dict()`, possibly naming its 'family'): a string ending in
@@ -26,10 +32,15 @@ from typing import Any, Mapping, Protocol
 from flax import nnx
 
 from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.models import token_arch
 
 
 class ModelFamily(Protocol):
-  """What a family of networks tells the trainer."""
+  """What a family of networks tells the trainer.
+
+  A family may also list `variant_names` (a tuple of lower-case names its
+  `parse` accepts): those names are routed to it.
+  """
 
   name: str
   description_type: type  # what `parse` returns
@@ -92,6 +103,91 @@ class EfficientNetV2Family:
     return dict(description.to_dict(), family=self.name)
 
 
+class _TokenFamily:
+  """A token model family: a description dataclass with to_dict/from_dict,
+  a name table and a module's `create_model`.
+
+  Token models have no BatchNorm and a single way to convolve (the patch
+  embedding is a matmul), so `build` drops the BN and convolution options
+  the trainer passes to every family.
+  """
+
+  name: str
+  description_type: type
+  variant_names: tuple[str, ...]
+  _IGNORED_OPTIONS = ('bn_momentum', 'bn_epsilon', 'conv_impl')
+
+  def _from_name(self, name: str):
+    raise NotImplementedError
+
+  def _module(self):
+    raise NotImplementedError
+
+  def parse(self, description: Any):
+    if isinstance(description, self.description_type):
+      return description
+    if is_description_file(description):
+      return self.parse(read_description_file(description))
+    if isinstance(description, str):
+      return self._from_name(description)
+    if isinstance(description, Mapping):
+      return self.description_type.from_dict(
+          {k: v for k, v in dict(description).items() if k != 'family'})
+    raise TypeError(
+        f'a {self.name} description is a variant name, a '
+        f'{self.description_type.__name__} or its dict, got '
+        f'{type(description).__name__}')
+
+  def build(self, description, num_classes, *, rngs, **options):
+    options = {k: v for k, v in options.items()
+               if k not in self._IGNORED_OPTIONS}
+    return self._module().create_model(description, num_classes, rngs=rngs,
+                                       **options)
+
+  def train_size(self, description) -> int:
+    return description.train_size
+
+  def eval_size(self, description) -> int:
+    return description.eval_size
+
+  def normalization(self, description) -> str:
+    return description.normalization
+
+  def to_dict(self, description) -> dict:
+    return dict(description.to_dict(), family=self.name)
+
+
+class ViTFamily(_TokenFamily):
+  """`token_arch.ViTArchitecture` descriptions, built by `vit.create_model`."""
+
+  name = 'vit'
+  description_type = token_arch.ViTArchitecture
+  variant_names = token_arch.vit_names()
+
+  def _from_name(self, name: str):
+    return token_arch.vit_architecture(name)
+
+  def _module(self):
+    from effnetv2_jax.models import vit  # pylint: disable=g-import-not-at-top
+    return vit
+
+
+class MixerFamily(_TokenFamily):
+  """`token_arch.MixerArchitecture` descriptions, built by
+  `mixer.create_model`."""
+
+  name = 'mixer'
+  description_type = token_arch.MixerArchitecture
+  variant_names = token_arch.mixer_names()
+
+  def _from_name(self, name: str):
+    return token_arch.mixer_architecture(name)
+
+  def _module(self):
+    from effnetv2_jax.models import mixer  # pylint: disable=g-import-not-at-top
+    return mixer
+
+
 _FAMILIES: dict[str, ModelFamily] = {}
 
 
@@ -102,6 +198,8 @@ def register(family: ModelFamily) -> ModelFamily:
 
 
 register(EfficientNetV2Family())
+register(ViTFamily())
+register(MixerFamily())
 DEFAULT_FAMILY = EfficientNetV2Family.name
 
 
@@ -119,15 +217,32 @@ def get(name: str) -> ModelFamily:
 
 def family_of(description: Any) -> ModelFamily:
   """The family a description names (a dict's 'family' key, also in a JSON
-  file), else the default one."""
+  file; a variant name's family, see the module docstring), else the
+  default one."""
   if is_description_file(description):
     description = read_description_file(description)
   if isinstance(description, Mapping) and 'family' in description:
     return get(description['family'])
+  if isinstance(description, str):
+    return _family_of_name(description) or get(DEFAULT_FAMILY)
   for family in _FAMILIES.values():
     if isinstance(description, family.description_type):
       return family
   return get(DEFAULT_FAMILY)
+
+
+def _family_of_name(name: str) -> ModelFamily | None:
+  """The family a variant name belongs to: the one listing it in its
+  `variant_names`, else the one whose name it starts with ('vit-x' -> vit,
+  so an unknown ViT name is answered with the ViT variants)."""
+  key = name.lower().strip()
+  for family in _FAMILIES.values():
+    if key in getattr(family, 'variant_names', ()):
+      return family
+  for family in _FAMILIES.values():
+    if key.startswith((family.name + '-', family.name + '_')):
+      return family
+  return None
 
 
 def resolve(description: Any) -> tuple[ModelFamily, Any]:
@@ -147,12 +262,17 @@ def resolve(description: Any) -> tuple[ModelFamily, Any]:
 def is_description_file(description: Any) -> bool:
   """Whether a description is the path of a JSON description file.
 
-  Variant names have no '/' and no '.json', so a path is told from a name
-  by its form, not by whether such a file happens to exist.
+  A path is told from a name by its form, not by whether such a file
+  happens to exist: it ends in '.json', or has a '/' and is not a family's
+  variant name (listed, or starting with a family's name and '-' or '_':
+  'vit-s/16' and 'vit-l/16' are names, the second an unknown one).
   """
-  return isinstance(description, str) and (
-      description.lower().endswith('.json') or '/' in description
-      or os.sep in description)
+  if not isinstance(description, str):
+    return False
+  if description.lower().endswith('.json'):
+    return True
+  return (('/' in description or os.sep in description)
+          and _family_of_name(description) is None)
 
 
 def read_description_file(path: str) -> dict:
