@@ -30,6 +30,9 @@ CASES = {
                                              'cars')
                     for v in ('s', 'm', 'l') for p in recipes.PRESETS],
     'digits.py': [None],
+    'distill.py': [f'{s},{m}' for s in ('digits', 'vit_digits', 'mixer_digits',
+                                        'imagenet_s')
+                   for m in ('stacked', 'label_heads', 'plain')],
     'tiny.py': [None, 'cifar10'],
 }
 # Train-set sizes used to turn epochs into a plan (the data package's
