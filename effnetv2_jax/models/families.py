@@ -64,7 +64,26 @@ class ModelFamily(Protocol):
   def to_dict(self, description: Any) -> dict: ...
 
 
-class EfficientNetV2Family:
+class _DescribedFamily:
+  """What every family here reads off its description objects: their
+  image sizes, normalisation and `to_dict`."""
+
+  name: str
+
+  def train_size(self, description) -> int:
+    return description.train_size
+
+  def eval_size(self, description) -> int:
+    return description.eval_size
+
+  def normalization(self, description) -> str:
+    return description.normalization
+
+  def to_dict(self, description) -> dict:
+    return dict(description.to_dict(), family=self.name)
+
+
+class EfficientNetV2Family(_DescribedFamily):
   """`Architecture` descriptions, built by `models.create_model`."""
 
   name = 'efficientnetv2'
@@ -90,20 +109,9 @@ class EfficientNetV2Family:
     return efficientnetv2.create_model(description, num_classes, rngs=rngs,
                                        **options)
 
-  def train_size(self, description) -> int:
-    return description.train_size
-
-  def eval_size(self, description) -> int:
-    return description.eval_size
-
-  def normalization(self, description) -> str:
-    return description.normalization
-
-  def to_dict(self, description) -> dict:
-    return dict(description.to_dict(), family=self.name)
 
 
-class _TokenFamily:
+class _TokenFamily(_DescribedFamily):
   """A token model family: a description dataclass with to_dict/from_dict,
   a name table and a module's `create_model`.
 
@@ -144,17 +152,6 @@ class _TokenFamily:
     return self._module().create_model(description, num_classes, rngs=rngs,
                                        **options)
 
-  def train_size(self, description) -> int:
-    return description.train_size
-
-  def eval_size(self, description) -> int:
-    return description.eval_size
-
-  def normalization(self, description) -> str:
-    return description.normalization
-
-  def to_dict(self, description) -> dict:
-    return dict(description.to_dict(), family=self.name)
 
 
 class ViTFamily(_TokenFamily):
