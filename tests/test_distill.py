@@ -7,7 +7,6 @@ SIGKILL with the extractor in the state.
 """
 
 import os
-import signal
 import subprocess
 import sys
 
