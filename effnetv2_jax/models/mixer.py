@@ -33,10 +33,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effnetv2_jax.models import token_arch
-from effnetv2_jax.models.efficientnetv2 import param_rngs
 from effnetv2_jax.models.vit import (Mlp, PatchEmbed, TokenClassifier,
-                                     branch_keep, check_rates, drop_path,
-                                     layer_norm, resize_token_grid)
+                                     branch_keep, build_token_model,
+                                     check_rates, drop_path, layer_norm,
+                                     resize_token_grid)
 
 _LECUN = jax.nn.initializers.lecun_normal()
 _ZEROS = jax.nn.initializers.zeros
@@ -159,14 +159,6 @@ def create_model(architecture: str | token_arch.MixerArchitecture | Mapping,
                  num_classes: int = 1000, *, rngs: nnx.Rngs | int = 0,
                  **kwargs) -> MlpMixer:
   """Builds a Mixer from a variant name, a `MixerArchitecture` or its dict."""
-  if isinstance(architecture, str):
-    architecture = token_arch.mixer_architecture(architecture)
-  elif isinstance(architecture, Mapping):
-    architecture = token_arch.MixerArchitecture.from_dict(architecture)
-  elif not isinstance(architecture, token_arch.MixerArchitecture):
-    raise TypeError('architecture must be an MLP-Mixer variant name, a '
-                    f'MixerArchitecture or its dict, got '
-                    f'{type(architecture).__name__}')
-  if isinstance(rngs, int):
-    rngs = param_rngs(rngs)
-  return MlpMixer(architecture, num_classes, rngs=rngs, **kwargs)
+  return build_token_model(MlpMixer, token_arch.MixerArchitecture,
+                           token_arch.mixer_architecture, 'an MLP-Mixer',
+                           architecture, num_classes, rngs, kwargs)

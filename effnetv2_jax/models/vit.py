@@ -355,18 +355,28 @@ class ViT(TokenClassifier):
                          return_features=return_features)
 
 
+def build_token_model(module_cls, description_type, from_name, what: str,
+                      architecture, num_classes: int, rngs, kwargs):
+  """`module_cls(description, num_classes, rngs=...)` from a variant name
+  (`from_name`), a `description_type` or its dict (ViT's and Mixer's
+  create_model)."""
+  if isinstance(architecture, str):
+    architecture = from_name(architecture)
+  elif isinstance(architecture, Mapping):
+    architecture = description_type.from_dict(architecture)
+  elif not isinstance(architecture, description_type):
+    raise TypeError(f'architecture must be {what} variant name, a '
+                    f'{description_type.__name__} or its dict, got '
+                    f'{type(architecture).__name__}')
+  if isinstance(rngs, int):
+    rngs = param_rngs(rngs)
+  return module_cls(architecture, num_classes, rngs=rngs, **kwargs)
+
+
 def create_model(architecture: str | token_arch.ViTArchitecture | Mapping,
                  num_classes: int = 1000, *, rngs: nnx.Rngs | int = 0,
                  **kwargs) -> ViT:
   """Builds a ViT from a variant name, a `ViTArchitecture` or its dict."""
-  if isinstance(architecture, str):
-    architecture = token_arch.vit_architecture(architecture)
-  elif isinstance(architecture, Mapping):
-    architecture = token_arch.ViTArchitecture.from_dict(architecture)
-  elif not isinstance(architecture, token_arch.ViTArchitecture):
-    raise TypeError('architecture must be a ViT variant name, a '
-                    f'ViTArchitecture or its dict, got '
-                    f'{type(architecture).__name__}')
-  if isinstance(rngs, int):
-    rngs = param_rngs(rngs)
-  return ViT(architecture, num_classes, rngs=rngs, **kwargs)
+  return build_token_model(ViT, token_arch.ViTArchitecture,
+                           token_arch.vit_architecture, 'a ViT',
+                           architecture, num_classes, rngs, kwargs)
