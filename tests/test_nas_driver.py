@@ -473,3 +473,20 @@ def test_ranking_benchmark_lists_top_and_bottom_retrainings(
       '0', '1'}
   ranks = sorted({line.split('ranking/rank')[1][:2] for line in out})
   assert ranks == ['01', '02', '04', '05']
+
+
+def test_a_reference_that_keeps_failing_ends_the_search_in_one_line(
+    tmp_path, fake_trials):
+  fake_trials.setenv('FAKE_TRIAL_BEHAVIOUR', json.dumps(
+      {str(i): 'crash' for i in range(3)}))
+  command = [sys.executable, '-m', 'effnetv2_jax.nas',
+             '--config=' + os.path.join(REPO, 'configs', 'nas.py') + ':tiny',
+             f'--workdir={tmp_path}', '--config.search.max_in_flight=1',
+             '--config.search.trial_module=nas_fake_trial',
+             '--config.search.platform=cpu']
+  out = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      'error: the reference network (tiny) failed 3 times')
+  assert 'Traceback' not in out.stderr

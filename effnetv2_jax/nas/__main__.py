@@ -77,7 +77,11 @@ def _search(config, workdir: str, backend_name: str, address) -> int:
     print(f'error: {e}', file=sys.stderr)
     return USAGE_EXIT_STATUS
   print(state.progress_line(), flush=True)
-  backend.run()
+  try:
+    backend.run()
+  except search.ReferenceFailedError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   print(state.progress_line(), flush=True)
   if state.done:
     print(f'done: python -m effnetv2_jax.nas report --workdir={workdir}')

@@ -40,6 +40,10 @@ LOG_TAIL_LINES = 30
 MAX_REFERENCE_FAILURES = 3
 
 
+class ReferenceFailedError(RuntimeError):
+  """The backbone's timing job failed too often for S to be measured."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One process to run: a candidate or a reference timing."""
@@ -182,7 +186,7 @@ class Search:
   def _reference_due(self) -> bool:
     failed = self._count('reference', ('failed',))
     if failed >= MAX_REFERENCE_FAILURES:
-      raise RuntimeError(
+      raise ReferenceFailedError(
           f'the reference network ({self.space.backbone.name}) failed '
           f'{failed} times; its log tails are in {self.ledger.path}')
     candidates = self._count('candidate')
