@@ -3,13 +3,16 @@
     python -m effnetv2_jax.predict --checkpoint DIR [--variant NAME] \
         [--image-size N] [--save-logits FILE.npy] IMAGE_OR_NPY...
 
-DIR is a model directory (model.json + state/, written by the converters or
-`weights.save_model`) or a training workdir (its latest checkpoint, EMA
-weights preferred; `--variant` is then required). `--variant`, when given,
-must agree with model.json.
+DIR is a model directory (model.json + state/, written by the converters,
+the trainer's export or `weights.save_model`) or a training workdir (its
+latest checkpoint, EMA weights preferred; `--variant` is then required).
+Any registered model family works (`models.families`: EfficientNetV2, ViT
+as 'vit-s/16' or 'vit-digits', MLP-Mixer as 'mixer-b/16', ...).
+`--variant`, when given, must agree with model.json.
 
 Preprocessing follows the official code (google/automl efficientnetv2), by the
-checkpoint's normalisation family, at the variant's eval size:
+checkpoint's normalisation (for ViT and Mixer, their description's
+'inception' or 'imagenet'), at the variant's eval size:
   inception (S/M/L/XL): below 320 px, centre crop of side
       int(s / (s + 32) * min(h, w)) at ((h - c) // 2, (w - c) // 2), then
       bilinear resize; at 320 px and above the whole image is resized (aspect
@@ -51,6 +54,9 @@ CROP_PADDING = 32
 WHOLE_IMAGE_EVAL_SIZE = 320
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32) * 255
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32) * 255
+# Where each family keeps its classifier: EfficientNetV2's Head module, the
+# token models' bare Linear.
+CLASSIFIER_KERNELS = ('head/classifier/kernel', 'head/kernel')
 
 
 class InputError(ValueError):
@@ -221,37 +227,55 @@ def load_checkpoint(path: str, variant: str | None = None, *,
   Raises:
     WeightsError: missing/malformed checkpoint, or `variant` disagrees.
   """
-  from effnetv2_jax.models import arch as arch_lib
+  from effnetv2_jax.models import families
   from effnetv2_jax.models import weights
 
-  wanted = arch_lib.get_architecture(variant) if variant else None
+  wanted = _resolve_variant(variant) if variant else None
   if weights.is_model_dir(path):
     meta = weights.read_meta(path)
     stored = meta['architecture_obj']
-    if wanted is not None and stored.to_dict() != wanted.to_dict():
+    family = families.family_of(stored)
+    if wanted is not None and (family.to_dict(stored)
+                               != wanted[0].to_dict(wanted[1])):
       raise weights.WeightsError(
-          f'{path} holds architecture {stored.name!r} (model.json), not '
-          f'{variant!r}; drop --variant or pass the matching one')
+          f'{path} holds architecture {_name(family, stored)!r} '
+          f'(model.json), not {variant!r}; drop --variant or pass the '
+          'matching one')
     model = weights.load_model(path, conv_impl=conv_impl)
-    architecture = stored
+    description = stored
     normalization = normalization or meta['normalization']
     source = meta.get('source') or path
   elif _is_workdir(path):
     if wanted is None:
       raise weights.WeightsError(
           f'{path} is a training workdir without model.json; pass --variant')
-    model = _load_workdir(path, wanted, conv_impl)
-    architecture = wanted
-    normalization = normalization or wanted.normalization
+    family, description = wanted
+    model = _load_workdir(path, description, conv_impl)
+    normalization = normalization or family.normalization(description)
     source = f'training workdir {path}'
   else:
     raise weights.WeightsError(
         f'{path}: neither a model directory (no model.json) nor a training '
         'workdir')
   info = dict(normalization=normalization,
-              eval_size=architecture.eval_size, num_classes=model.num_classes,
-              name=architecture.name, source=source)
+              eval_size=family.eval_size(description),
+              num_classes=model.num_classes,
+              name=_name(family, description), source=source)
   return model, info
+
+
+def _resolve_variant(variant: str):
+  """(family, description) of `--variant`, as a one-line WeightsError."""
+  from effnetv2_jax.models import families
+  from effnetv2_jax.models import weights
+  try:
+    return families.resolve(variant)
+  except (TypeError, ValueError, KeyError) as e:
+    raise weights.WeightsError(str(e).strip().splitlines()[0]) from None
+
+
+def _name(family, description) -> str:
+  return getattr(description, 'name', family.name)
 
 
 def _is_workdir(path: str) -> bool:
@@ -273,13 +297,21 @@ def _load_workdir(path: str, architecture, conv_impl: str):
     raise weights.WeightsError(
         f'{path}: unreadable training checkpoint '
         f'({type(e).__name__}: {lines[0] if lines else ""})') from None
-  kernel = flat_params.get('head/classifier/kernel')
+  kernel = _classifier_kernel(flat_params)
   if kernel is None or np.ndim(kernel) != 2:
     raise weights.WeightsError(
-        f'{path}: no 2-D head/classifier/kernel in the checkpoint')
+        f'{path}: no 2-D classifier kernel ({" or ".join(CLASSIFIER_KERNELS)})'
+        ' in the checkpoint')
   return weights.model_from_variables(
       architecture, int(kernel.shape[1]), _unflatten(flat_params),
       _unflatten(flat_stats), what=path, conv_impl=conv_impl)
+
+
+def _classifier_kernel(flat_params: dict):
+  for name in CLASSIFIER_KERNELS:
+    if name in flat_params:
+      return flat_params[name]
+  return None
 
 
 def _unflatten(flat: dict) -> dict:
@@ -385,14 +417,16 @@ def predict(model, paths: Sequence[str], *, size: int, normalization: str,
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m effnetv2_jax.predict',
-      description='Top-k classes of images with an EfficientNetV2 checkpoint.')
+      description='Top-k classes of images with a model directory or a '
+      'training checkpoint (EfficientNetV2, ViT, MLP-Mixer, ...).')
   parser.add_argument('inputs', nargs='+', metavar='IMAGE',
                       help='image files, or .npy preprocessed NHWC batches')
   parser.add_argument('--checkpoint', required=True, metavar='DIR',
                       help='model directory or training workdir')
   parser.add_argument('--variant', metavar='NAME',
-                      help='expected variant (checked against model.json; '
-                           'required for a training workdir)')
+                      help='expected variant of any family, e.g. s, b0, '
+                           'vit-digits, mixer-b/16 (checked against '
+                           'model.json; required for a training workdir)')
   parser.add_argument('--image-size', type=int, metavar='N',
                       help='eval size (default: the variant\'s eval size)')
   parser.add_argument('--normalization', choices=NORMALIZATIONS,
@@ -407,13 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  from effnetv2_jax.models import arch as arch_lib
   from effnetv2_jax.models.weights import WeightsError
 
   if args.variant:
     try:
-      args.variant = arch_lib.normalize_variant_name(args.variant)
-    except ValueError as e:
+      _resolve_variant(args.variant)
+    except WeightsError as e:
       print(f'error: {e}', file=sys.stderr)
       return 2
   if args.image_size is not None and args.image_size < 1:

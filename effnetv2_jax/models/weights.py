@@ -3,13 +3,22 @@
 A model directory holds
 
   model.json  {"format": "effnetv2_jax.model", "format_version": 1,
-               "architecture": Architecture.to_dict(), "num_classes": N,
+               "architecture": {...}, "num_classes": N,
                "normalization": "inception" | "imagenet" | "ft",
                "bn_epsilon": 0.001, "source": "...", "created": "...",
                "effnetv2_jax_version": "...", "extra": {...}}
   state/      an orbax (StandardCheckpointer) checkpoint of
               {'params': ..., 'batch_stats': ...}, the pure nested dicts of
               `nnx.to_pure_dict` of the nnx.State (float32).
+
+Any registered model family (`models.families`: EfficientNetV2, ViT,
+MLP-Mixer, ...) is stored this way. "architecture" is the family's
+description dict: `Architecture.to_dict()` for EfficientNetV2, without a
+'family' key, since a dict without one is read as EfficientNetV2 (so the
+directories written before other families existed load unchanged); for
+other families `family.to_dict(description)`, which names its 'family'.
+"bn_epsilon" is only written for a model with BatchNorm statistics; token
+models have none, and their 'batch_stats' is stored as an empty dict.
 
 `normalization` names the input scaling the weights expect (see
 `effnetv2_jax.predict`). A directory is written under a temporary name and
@@ -38,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effnetv2_jax.models import arch as arch_lib
-from effnetv2_jax.models.efficientnetv2 import EfficientNetV2, create_model
+from effnetv2_jax.models import families
+from effnetv2_jax.models.efficientnetv2 import EfficientNetV2
 
 FORMAT = 'effnetv2_jax.model'
 FORMAT_VERSION = 1
@@ -60,11 +69,28 @@ def is_model_dir(directory: str | os.PathLike) -> bool:
 # Building a model around given arrays.
 
 
-def abstract_model(architecture: arch_lib.Architecture, num_classes: int,
-                   **model_kwargs) -> EfficientNetV2:
-  """The model with ShapeDtypeStruct leaves: its graph, no arrays."""
-  return nnx.eval_shape(lambda: create_model(
-      architecture, num_classes, rngs=0, **model_kwargs))
+def abstract_model(architecture: Any, num_classes: int,
+                   **model_kwargs) -> nnx.Module:
+  """The model with ShapeDtypeStruct leaves: its graph, no arrays.
+
+  Args:
+    architecture: any family's description (`families.resolve`): a variant
+      name ('s', 'vit-digits'), a description dict with or without its
+      'family', or a description object.
+    num_classes: classifier width.
+    **model_kwargs: the family's `build` options (dtype, conv_impl, ...).
+  """
+  family, description = families.resolve(architecture)
+  return nnx.eval_shape(lambda: family.build(
+      description, num_classes, rngs=0, **model_kwargs))
+
+
+def description_dict(architecture: Any) -> dict:
+  """What model.json stores for a description (see the module docstring)."""
+  family, description = families.resolve(architecture)
+  if family.name == families.DEFAULT_FAMILY:
+    return description.to_dict()
+  return family.to_dict(description)
 
 
 def _split(model: nnx.Module):
@@ -122,25 +148,23 @@ def check_variables(expected: Mapping, found: Mapping, *, what: str) -> None:
                          f'{_shape_text(shape)}')
 
 
-def model_from_variables(architecture: arch_lib.Architecture | str | Mapping,
-                         num_classes: int, params: Mapping,
-                         batch_stats: Mapping, *, what: str = 'variables',
-                         **model_kwargs) -> EfficientNetV2:
+def model_from_variables(architecture: Any, num_classes: int,
+                         params: Mapping, batch_stats: Mapping, *,
+                         what: str = 'variables',
+                         **model_kwargs) -> nnx.Module:
   """An eval-ready model holding the given arrays (no random init).
 
   Args:
-    architecture: variant name, Architecture or its dict.
+    architecture: any family's description (variant name, description
+      object or its dict, see `abstract_model`).
     num_classes: classifier width.
     params, batch_stats: pure nested dicts as `nnx.to_pure_dict(state)`
-      gives them (list indices may be ints or digit strings).
+      gives them (list indices may be ints or digit strings); batch_stats
+      is empty for models without BatchNorm.
     what: names the arrays' origin in error messages.
-    **model_kwargs: `create_model` options (dtype, conv_impl,
+    **model_kwargs: the family's `build` options (dtype, conv_impl,
       bn_epsilon, ...).
   """
-  if isinstance(architecture, str):
-    architecture = arch_lib.get_architecture(architecture)
-  elif isinstance(architecture, Mapping):
-    architecture = arch_lib.Architecture.from_dict(architecture)
   abstract = abstract_model(architecture, num_classes, **model_kwargs)
   graphdef, params_state, stats_state, rest = _split(abstract)
   expected = {'params': nnx.to_pure_dict(params_state),
@@ -169,7 +193,7 @@ def _like(template: Mapping, tree: Mapping) -> dict:
 # Saving.
 
 
-def save_model(directory: str | os.PathLike, model: EfficientNetV2, *,
+def save_model(directory: str | os.PathLike, model: nnx.Module, *,
                source: str | None = None, normalization: str | None = None,
                extra: Mapping[str, Any] | None = None,
                overwrite: bool = False) -> str:
@@ -177,10 +201,11 @@ def save_model(directory: str | os.PathLike, model: EfficientNetV2, *,
 
   Args:
     directory: the model directory to create.
-    model: an EfficientNetV2 (its BatchNorm statistics are saved too).
+    model: a model of any family, with `.architecture` (its description)
+      and `.num_classes`; BatchNorm statistics, if any, are saved too.
     source: free text recorded in model.json (e.g. 'timm:file.pth').
     normalization: input scaling the weights expect; defaults to the
-      architecture's ('inception' for S/M/L/XL, 'imagenet' for B0-B3).
+      description's ('inception' for S/M/L/XL, 'imagenet' for B0-B3).
     extra: JSON-able data stored under "extra" (e.g. accuracy).
     overwrite: replace an existing non-empty directory.
 
@@ -188,25 +213,32 @@ def save_model(directory: str | os.PathLike, model: EfficientNetV2, *,
     The absolute path written.
   """
   _, params, batch_stats, _ = _split(model)
+  # Only EfficientNetV2 has BatchNorm (and so an epsilon) among the families.
+  bn_epsilon = (float(model.stem.bn.epsilon)
+                if isinstance(model, EfficientNetV2) else 1e-3)
   return save_variables(
       directory, architecture=model.architecture,
       num_classes=model.num_classes, params=nnx.to_pure_dict(params),
       batch_stats=nnx.to_pure_dict(batch_stats), source=source,
-      normalization=normalization, bn_epsilon=float(model.stem.bn.epsilon),
+      normalization=normalization, bn_epsilon=bn_epsilon,
       extra=extra, overwrite=overwrite)
 
 
-def save_variables(directory: str | os.PathLike, *,
-                   architecture: arch_lib.Architecture, num_classes: int,
-                   params: Mapping, batch_stats: Mapping,
+def save_variables(directory: str | os.PathLike, *, architecture: Any,
+                   num_classes: int, params: Mapping, batch_stats: Mapping,
                    source: str | None = None,
                    normalization: str | None = None, bn_epsilon: float = 1e-3,
                    extra: Mapping[str, Any] | None = None,
                    overwrite: bool = False) -> str:
-  """Like `save_model`, from pure dicts (e.g. a trainer's EMA copy)."""
+  """Like `save_model`, from pure dicts (e.g. a trainer's EMA copy).
+
+  `architecture` is any family's description (see `abstract_model`);
+  `bn_epsilon` is recorded only when `batch_stats` is not empty.
+  """
   import orbax.checkpoint as ocp
 
-  normalization = normalization or architecture.normalization
+  family, description = families.resolve(architecture)
+  normalization = normalization or family.normalization(description)
   if normalization not in NORMALIZATIONS:
     raise WeightsError(f'normalization must be one of {NORMALIZATIONS}, got '
                        f'{normalization!r}')
@@ -220,16 +252,19 @@ def save_variables(directory: str | os.PathLike, *,
   meta = {
       'format': FORMAT,
       'format_version': FORMAT_VERSION,
-      'architecture': architecture.to_dict(),
+      'architecture': description_dict(description),
       'num_classes': int(num_classes),
       'normalization': normalization,
-      'bn_epsilon': float(bn_epsilon),
+  }
+  if jax.tree.leaves(batch_stats):  # a model without BatchNorm has no epsilon
+    meta['bn_epsilon'] = float(bn_epsilon)
+  meta.update({
       'source': source or '',
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='seconds'),
       'effnetv2_jax_version': _package_version(),
       'extra': dict(extra or {}),
-  }
+  })
   json.dumps(meta)  # fail before writing anything if `extra` is not JSON-able
   tree = {'params': jax.tree.map(_host_float32, dict(params)),
           'batch_stats': jax.tree.map(_host_float32, dict(batch_stats))}
@@ -306,9 +341,13 @@ def read_meta(directory: str | os.PathLike) -> dict:
   for key in ('architecture', 'num_classes', 'normalization'):
     if key not in meta:
       raise WeightsError(f'{path}: field {key!r} is missing')
+  if not isinstance(meta['architecture'], Mapping):
+    # A name or a path here would make loading depend on this package's
+    # variant tables or on another file, not on the directory alone.
+    raise WeightsError(f'{path}: architecture must be a description dict, '
+                       f'got {type(meta["architecture"]).__name__}')
   try:
-    meta['architecture_obj'] = arch_lib.Architecture.from_dict(
-        meta['architecture'])
+    _, meta['architecture_obj'] = families.resolve(meta['architecture'])
   except (TypeError, ValueError, KeyError) as e:
     raise WeightsError(f'{path}: bad architecture ({_first_line(e)})') from None
   if meta['normalization'] not in NORMALIZATIONS:
@@ -347,7 +386,9 @@ def _restore(directory: str, meta: dict, abstract: nnx.Module
 def load_variables(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
   """(meta, params, batch_stats) of a model directory, as numpy pure dicts.
 
-  `meta` is model.json plus 'architecture_obj' (the Architecture).
+  `meta` is model.json plus 'architecture_obj' (the parsed description of
+  its family: an `Architecture`, a `ViTArchitecture`, ...); batch_stats is
+  empty for models without BatchNorm.
   """
   directory = os.fspath(directory)
   meta = read_meta(directory)
@@ -357,20 +398,20 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
 
 
 def load_model(directory: str | os.PathLike, *, dtype: Any = jnp.float32,
-               conv_impl: str = 'auto', **model_kwargs
-               ) -> EfficientNetV2:
+               conv_impl: str = 'auto', **model_kwargs) -> nnx.Module:
   """The model stored in `directory`, ready for eval (or fine-tuning).
 
   Args:
     directory: a model directory written by `save_model` or the converters.
     dtype: compute dtype (parameters stay float32).
     conv_impl: 'auto', 'xla', 'shifted' or 'onednn'
-      (`kernels.resolve_conv_impl`).
-    **model_kwargs: other `create_model` options (dropout_rate,
+      (`kernels.resolve_conv_impl`; token models ignore it).
+    **model_kwargs: other options of the family's `build` (dropout_rate,
       drop_path_rate, bn_momentum) for fine-tuning.
   """
   directory = os.fspath(directory)
   meta = read_meta(directory)
+  # Token families drop the BatchNorm options in `build`.
   model_kwargs.setdefault('bn_epsilon', meta.get('bn_epsilon', 1e-3))
   abstract = abstract_model(meta['architecture_obj'], meta['num_classes'],
                             dtype=dtype, conv_impl=conv_impl,

@@ -338,16 +338,11 @@ def export_model(state, workdir: str, *, model, normalization: str,
                  experiment: str, bn_epsilon: float) -> str | None:
   """Writes workdir/model (EMA weights when there are) for inference.
 
-  `model` is the run's `state.ModelSpec`; only EfficientNetV2 descriptions
-  have a model-directory format today, so other families keep their
-  weights in the checkpoint.
+  `model` is the run's `state.ModelSpec`, of any registered family
+  (`models.weights` stores each family's description); `bn_epsilon` is
+  recorded only for a network with BatchNorm statistics.
   """
-  from effnetv2_jax.models import arch as arch_lib  # pylint: disable=g-import-not-at-top
   from effnetv2_jax.models import weights  # pylint: disable=g-import-not-at-top
-  if not isinstance(model.description, arch_lib.Architecture):
-    log.info('not exporting a model directory for a %s network; the '
-             'checkpoint holds the weights', model.family.name)
-    return None
   use_ema = state.ema_params is not None
   params, batch_stats = to_host(
       (state.ema_params, state.ema_batch_stats) if use_ema
