@@ -383,13 +383,29 @@ def test_determine_names_the_tightest_budget_when_nothing_fits():
                  min_accuracy=0.6)
 
 
+def test_determine_an_unmeasured_accuracy_is_outside_the_floor():
+  # Candidates a ceiling already excludes are not trialled (accuracy None).
+  def measure(spec):
+    row = _measure(spec)
+    return dict(row, accuracy=None if row['memory_bytes'] > 300 else
+                row['accuracy'])
+  choice = ex.determine(_specs(), measure=measure, min_accuracy=0.56,
+                        max_memory_bytes=300)
+  assert choice.spec.name == 'fused_mbconv-d1-e4'  # 40 MACs, 0.60
+  assert choice.rows[3]['fits'] == {'max_memory_bytes': False,
+                                    'min_accuracy': False}
+  unmeasured = next(line for line in choice.table.splitlines()
+                    if 'fused_mbconv-d4-e4' in line)
+  assert ' - ' in unmeasured
+  with pytest.raises(ValueError, match=r'min_accuracy=0.5, admits 0 of 6 '
+                     r'candidates; max_memory_bytes=300 admits 3$'):
+    ex.determine(_specs(), min_accuracy=0.5, max_memory_bytes=300,
+                 measure=lambda s: dict(_measure(s), accuracy=None))
+
+
 def test_determine_rejects_bad_measurements_and_inputs():
   with pytest.raises(ValueError, match='at least one candidate'):
     ex.determine([], measure=_measure)
-  with pytest.raises(ValueError, match='min_accuracy needs an accuracy'):
-    ex.determine(_specs(), min_accuracy=0.5,
-                 measure=lambda s: dict(memory_bytes=1, macs=1,
-                                        accuracy=None))
   with pytest.raises(ValueError, match=r"\['macs'\] must be a non-negative"):
     ex.determine(_specs(), measure=lambda s: dict(memory_bytes=1))
   with pytest.raises(ValueError, match="'fused_mbconv-d1-e1' repeats"):

@@ -367,6 +367,8 @@ class _Budget:
   at_most: bool  # a ceiling (memory, MACs) or a floor (accuracy)
 
   def admits(self, value) -> bool:
+    if value is None:  # an accuracy not measured (not trialled, failed)
+      return False
     return value <= self.limit if self.at_most else value >= self.limit
 
   def describe(self) -> str:
@@ -412,7 +414,9 @@ def determine(candidates: Sequence[ExtractorSpec], *,
     measure: spec -> dict(memory_bytes=..., macs=..., accuracy=... or
       None), called once per candidate in order.
     max_memory_bytes, max_macs: ceilings; None for no budget.
-    min_accuracy: a floor; every measurement must then hold an accuracy.
+    min_accuracy: a floor; a candidate whose accuracy is None (not
+      trialled because a ceiling already excludes it, or its trial failed)
+      is outside it.
 
   Raises:
     ValueError: no candidates, repeated names, a malformed measurement, or
@@ -474,9 +478,6 @@ def _measurement(spec, measured, budgets) -> dict:
   if accuracy is not None and not _is_number(accuracy):
     raise ValueError(f'measure({spec.name!r})["accuracy"] must be a number '
                      f'or None, got {accuracy!r}')
-  if accuracy is None and any(b.measurement == 'accuracy' for b in budgets):
-    raise ValueError(f'min_accuracy needs an accuracy for every candidate; '
-                     f'measure({spec.name!r}) gave none')
   out['accuracy'] = accuracy
   return out
 
@@ -498,9 +499,10 @@ def _nothing_fits(rows, budgets) -> str:
   message = (f'no second extractor is within the budgets: the tightest, '
              f'{tightest.describe()}, admits {admitted[order[0]]} of '
              f'{len(rows)} candidates')
-  if not admitted[order[0]]:
-    values = [row[tightest.measurement] for row in rows]
-    closest = (min if tightest.at_most else max)(range(len(rows)),
+  values = [row[tightest.measurement] for row in rows]
+  measured = [i for i in range(len(rows)) if values[i] is not None]
+  if not admitted[order[0]] and measured:
+    closest = (min if tightest.at_most else max)(measured,
                                                  key=lambda i: values[i])
     message += (f' (closest: {rows[closest]["name"]!r} with '
                 f'{tightest.measurement}={_number(values[closest])})')

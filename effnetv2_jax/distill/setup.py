@@ -141,18 +141,17 @@ def terms_and_extras(config, model_spec, *, image_size: int,
   return [term], extras, '\n'.join(lines)
 
 
-def measured_chooser(config, *, mesh, model_spec, num_train_examples: int,
-                     total_epochs: float, batch_size: int, image_size: int):
-  """`choose` for terms_and_extras: measures each candidate's extra training
-  memory (the compiled gradient program's estimate, with the candidate
-  against without) and its MACs per image, then `extractors.determine`
-  under config.distill.budget."""
+def cost_measurer(config, *, mesh, model_spec, num_train_examples: int,
+                  total_epochs: float, batch_size: int, image_size: int):
+  """(spec, tap name) -> dict(memory_bytes, macs): a candidate's extra
+  training memory (the compiled gradient program's estimate with the
+  candidate on that tap against without any) and its MACs per image."""
   from effnetv2_jax.distill import extractors  # pylint: disable=g-import-not-at-top
   from effnetv2_jax.training import compilation, task as task_lib  # pylint: disable=g-import-not-at-top
-  budget = config.distill.budget
   task_loss = task_lib.ClassificationLoss(
       kind=config.train.loss, label_smoothing=config.train.label_smoothing)
   dtype = model_spec.options.get('dtype', jnp.float32)
+  shapes = feature_shapes(model_spec, image_size)
 
   def program_bytes(terms, extras) -> int:
     task = task_lib.task_from_config(
@@ -162,24 +161,65 @@ def measured_chooser(config, *, mesh, model_spec, num_train_examples: int,
     compiled = task.lower('gradient', batch_size, image_size).compile()
     return sum(compilation.memory_estimate(compiled).values())
 
+  base = []  # measured once, on first use
+
+  def measure(spec, tap: str) -> dict:
+    if not base:
+      base.append(program_bytes((), ()))
+    extra = task_lib.ExtraNetwork(
+        'distill0', ExtractorNetwork(spec, model_spec.num_classes, dtype))
+    term = term_lib.StackedDistillation(
+        (term_lib.Tap(tap, 'distill0'),), task_loss)
+    return dict(memory_bytes=program_bytes([term], [extra]) - base[0],
+                macs=extractors.extractor_macs(spec, shapes[tap][1:]))
+
+  return measure
+
+
+def measured_chooser(config, **context):
+  """`choose` for terms_and_extras: each candidate's costs (`cost_measurer`,
+  same arguments), then `extractors.determine` under config.distill.budget.
+  """
+  from effnetv2_jax.distill import extractors  # pylint: disable=g-import-not-at-top
+  measure_costs = cost_measurer(config, **context)
+  shapes = feature_shapes(context['model_spec'], context['image_size'])
+
   def choose(candidates, shape):
-    feature = next(name for name, s in feature_shapes(
-        model_spec, image_size).items() if s == shape)
-    base = program_bytes((), ())
-
-    def measure(spec):
-      extra = task_lib.ExtraNetwork(
-          'distill0', ExtractorNetwork(spec, model_spec.num_classes, dtype))
-      term = term_lib.StackedDistillation(
-          (term_lib.Tap(feature, 'distill0'),), task_loss)
-      return dict(memory_bytes=program_bytes([term], [extra]) - base,
-                  macs=extractors.extractor_macs(spec, shape[1:]),
-                  accuracy=None)
-
+    tap = next(name for name, s in shapes.items() if s == shape)
     return extractors.determine(
-        candidates, measure=measure,
-        max_memory_bytes=(budget.max_memory_mb * 2**20
-                          if budget.max_memory_mb else None),
-        max_macs=budget.max_mmacs * 1e6 if budget.max_mmacs else None)
+        candidates, measure=lambda spec: dict(measure_costs(spec, tap),
+                                              accuracy=None),
+        **budget_limits(config.distill.budget, with_accuracy=False))
 
   return choose
+
+
+def budget_limits(budget, *, with_accuracy: bool) -> dict:
+  """`extractors.determine`'s keyword budgets from config.distill.budget
+  (0 means no budget)."""
+  limits = dict(
+      max_memory_bytes=(budget.max_memory_mb * 2**20
+                        if budget.max_memory_mb else None),
+      max_macs=budget.max_mmacs * 1e6 if budget.max_mmacs else None)
+  if with_accuracy:
+    limits['min_accuracy'] = budget.min_accuracy or None
+  return limits
+
+
+def candidate_costs(config, **context) -> list[dict]:
+  """Every store candidate for the run's one tap with its costs
+  (`cost_measurer`): what `python -m effnetv2_jax.distill` trials."""
+  model_spec = context['model_spec']
+  shapes = feature_shapes(model_spec, context['image_size'])
+  taps = resolve_taps(config.distill.taps, shapes)
+  if len(taps) != 1:
+    raise ValueError(
+        f'config.distill.taps: accuracy trials choose one extractor for one '
+        f'tap; got {len(taps)} ({", ".join(taps)})')
+  measure = cost_measurer(config, **context)
+  rows = []
+  for spec in candidates_for(model_spec.family.name, shapes[taps[0]],
+                             config.distill.kind):
+    rows.append(dict(name=spec.name, tap=taps[0],
+                     shape=list(shapes[taps[0]]), **measure(spec, taps[0])))
+  return rows

@@ -2,7 +2,8 @@ r"""One search trial, run as its own process by the driver.
 
     python -m effnetv2_jax.nas.trial TRIAL_DIR
 
-reads TRIAL_DIR/job.json (written by the driver), then
+reads TRIAL_DIR/job.json (written by the driver: the NAS search, or the
+self-distillation's accuracy trials, whose jobs have no timing), then
   * a candidate trains with `train_and_evaluate` for the search's short
     budget (the job's trainer config; no checkpoints, TensorBoard, plots or
     export) and is evaluated on the holdout split carved from train, never
@@ -63,20 +64,27 @@ def die_with_driver() -> None:
     os._exit(EXIT_STOPPED)
 
 
-def trainer_config(job):
-  """The trainer config the job describes, with the candidate's network, the
-  holdout as the final eval split and the search's shared cache."""
-  from effnetv2_jax import data  # pylint: disable=g-import-not-at-top
+def config_from_dict(values, architecture):
+  """A trainer config from its JSON form (`ConfigDict.to_json()` read back)
+  and the network's description."""
   from effnetv2_jax.nas import settings  # pylint: disable=g-import-not-at-top
   from effnetv2_jax.training import recipes  # pylint: disable=g-import-not-at-top
   # Leaf by leaf into the base config, so that its typed fields (model.arch
   # takes any description; pairs are tuples) stay what the trainer expects.
   config = recipes.base_config()
-  for key, value in settings.flatten(job['config']).items():
+  for key, value in settings.flatten(values).items():
     if key != 'model.arch':
       config.update_from_flattened_dict(
           {key: tuple(value) if isinstance(value, list) else value})
-  config.model.arch = job['architecture']
+  config.model.arch = architecture
+  return config
+
+
+def trainer_config(job):
+  """The trainer config the job describes, with the candidate's network, the
+  holdout as the final eval split and the search's shared cache."""
+  from effnetv2_jax import data  # pylint: disable=g-import-not-at-top
+  config = config_from_dict(job['config'], job['architecture'])
   config.data.eval_split = data.HOLDOUT_SPLIT
   config.compilation_cache_dir = job['cache_dir']
   config.seed = job['seed']
@@ -204,7 +212,11 @@ def main(argv) -> int:
     return 2
   if job['kind'] == 'candidate' and argv[2:] != ['time']:
     result = train_phase(job, trial_dir)
-    if result is None:
+    if result is None and job.get('timing') is None:  # accuracy only
+      trained = ledger.read_json(os.path.join(trial_dir, TRAINED_FILE))
+      result = dict(status='completed', metrics=trained['metrics'],
+                    wall_time_s=trained['wall_time_s'])
+    elif result is None:
       _time_in_a_fresh_process(trial_dir)
   else:
     result = time_phase(job, trial_dir)

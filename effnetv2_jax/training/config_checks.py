@@ -103,6 +103,10 @@ def _check_distill(d) -> None:
     for part in key.split('.'):
       value = value[part]
     _require(value >= 0, f'distill.{key}', value, 'must be >= 0')
+  _require(0 <= d.budget.min_accuracy <= 1, 'distill.budget.min_accuracy',
+           d.budget.min_accuracy, 'must be a top-1 fraction in [0, 1]')
+  _require(d.budget.trial_epochs > 0, 'distill.budget.trial_epochs',
+           d.budget.trial_epochs, 'must be > 0')
 
 
 def validate(config, *, num_devices: int, data_axis_size: int | None = None,

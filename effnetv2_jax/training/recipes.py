@@ -150,6 +150,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.budget = ml_collections.ConfigDict()
   c.distill.budget.max_memory_mb = 0.0  # extra training memory; 0: none
   c.distill.budget.max_mmacs = 0.0  # extra MACs per image (millions)
+  # A floor on the holdout top-1 of a short trial per candidate: measured by
+  # `python -m effnetv2_jax.distill` (a run with extractor='auto' refuses it).
+  c.distill.budget.min_accuracy = 0.0  # 0: none
+  c.distill.budget.trial_epochs = 5.0  # each accuracy trial's length
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

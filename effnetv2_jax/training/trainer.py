@@ -257,12 +257,16 @@ def _distillation(config, setup: _Setup, planner, planned):
   if config.distill.mode == 'off':
     return (), ()
   from effnetv2_jax.distill import setup as distill_setup  # pylint: disable=g-import-not-at-top
+  d = config.distill
+  if d.mode == 'stacked' and d.extractor == 'auto' and d.budget.min_accuracy:
+    raise ConfigError(
+        f'config.distill.budget.min_accuracy={d.budget.min_accuracy!r} is '
+        'measured by short trials: run `python -m effnetv2_jax.distill '
+        '--config=<this config> --workdir=<dir>` and train with the '
+        'config.distill.extractor it prints')
   last = planned[-1]
   choose = distill_setup.measured_chooser(
-      config, mesh=setup.mesh, model_spec=setup.model,
-      num_train_examples=setup.info.num_train_examples,
-      total_epochs=planner.total_epochs, batch_size=last.batch_size,
-      image_size=last.image_size)
+      config, **_distillation_context(setup, planner, last))
   try:
     terms, extras, report = distill_setup.terms_and_extras(
         config, setup.model, image_size=last.image_size, choose=choose)
@@ -271,6 +275,37 @@ def _distillation(config, setup: _Setup, planner, planned):
                       f'config.distill: {e}') from None
   print(f'self-distillation ({config.distill.mode}):\n{report}', flush=True)
   return terms, extras
+
+
+def _distillation_context(setup: _Setup, planner, last_stage) -> dict:
+  """What measuring a second extractor needs to know of the run."""
+  return dict(mesh=setup.mesh, model_spec=setup.model,
+              num_train_examples=setup.info.num_train_examples,
+              total_epochs=planner.total_epochs,
+              batch_size=last_stage.batch_size,
+              image_size=last_stage.image_size)
+
+
+def distillation_candidate_costs(config) -> list[dict]:
+  """Each second-extractor candidate for config.distill's one tap with its
+  extra training memory and MACs per image, measured as a run of `config`
+  would (compiles, does not train); for `python -m effnetv2_jax.distill`.
+
+  Raises:
+    ConfigError: an invalid config value, or several taps.
+  """
+  from effnetv2_jax.distill import setup as distill_setup  # pylint: disable=g-import-not-at-top
+  config_checks.validate(config, num_devices=jax.device_count(),
+                         reference=recipes.base_config())
+  setup = _setup(config)
+  planner = _linear_planner(config, setup)
+  last = planner.expected_stages([])[-1]
+  try:
+    return distill_setup.candidate_costs(
+        config, **_distillation_context(setup, planner, last))
+  except ValueError as e:
+    raise ConfigError(str(e) if str(e).startswith('config.') else
+                      f'config.distill: {e}') from None
 
 
 def _checkpointer(workdir: str, config, options: RunOptions):
