@@ -135,6 +135,25 @@ def test_a_distilled_run_trains_both_and_exports_the_plain_network(tmp_path):
   ckpt.close()
   assert 'distill0' in jax.tree_util.keystr(
       jax.tree_util.tree_flatten_with_path(restored)[0])
+  # A second run starts its extractor from the first's (EMA) weights and,
+  # frozen, keeps them.
+  first = state.extras['distill0']
+  pretrained = first.ema_params if first.ema_params is not None else first.params
+  frozen, _ = trainer.train_and_evaluate(
+      _tiny_distill(**{'distill.init_from': str(tmp_path / 'run'),
+                       'distill.second': 'frozen', 'train.total_steps': 2}),
+      str(tmp_path / 'frozen'))
+  for a, b in zip(jax.tree.leaves(pretrained),
+                  jax.tree.leaves(frozen.extras['distill0'].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Another extractor does not fit: one line naming a variable.
+  with pytest.raises(trainer.ConfigError,
+                     match=r"^config.distill.init_from=.*extra 'distill0' "
+                     r'does not fit: params/.* \(a different extractor'):
+    trainer.train_and_evaluate(
+        _tiny_distill(**{'distill.init_from': str(tmp_path / 'run'),
+                         'distill.extractor': 'mbconv-d2-e4'}),
+        str(tmp_path / 'other'))
 
 
 def test_the_label_heads_ablation_runs(tmp_path):
@@ -149,6 +168,10 @@ def test_the_label_heads_ablation_runs(tmp_path):
     ({'distill.mode': 'teacher'}, 'config.distill.mode'),
     ({'distill.taps': ('stage9',)}, "no feature 'stage9'"),
     ({'distill.extractor': 'mbconv-d9'}, 'mbconv-d9'),
+    ({'distill.init_from': '/nonexistent/run'}, 'no such file'),
+    ({'distill.mode': 'label_heads', 'distill.init_from': '/tmp'},
+     "only a 'stacked' run"),
+    ({'distill.budget.min_accuracy': 1.5}, 'top-1 fraction'),
 ])
 def test_bad_distill_settings_are_one_line_config_errors(
     tmp_path, overrides, message):

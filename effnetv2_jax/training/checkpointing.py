@@ -146,25 +146,36 @@ def read_pretrained(path: str, prefer_ema: bool = True
     _, params, batch_stats = weights.load_variables(path)
     to_numpy = lambda t: {k: np.asarray(v) for k, v in flatten(t).items()}
     return to_numpy(params), to_numpy(batch_stats), False
+  return _variables_of(_read_raw(path), path, prefer_ema)
+
+
+def _read_raw(path: str) -> Mapping[str, Any]:
+  """A checkpoint's whole tree (a training state's fields at the top)."""
   if path.endswith('.npz'):
     with np.load(path) as data:
       raw: dict[str, Any] = {}
       for key in data.files:
         group, _, rest = key.partition('/')
         raw.setdefault(group, {})[rest] = data[key]
-  else:
-    directory = path
-    if os.path.isdir(os.path.join(directory, 'checkpoints')):
-      directory = os.path.join(directory, 'checkpoints')
-    steps = [d for d in os.listdir(directory) if d.isdigit()] \
-        if os.path.isdir(directory) else []
-    if steps:
-      directory = os.path.join(directory, max(steps, key=int))
-    if os.path.isdir(os.path.join(directory, 'state')):
-      directory = os.path.join(directory, 'state')
-    raw = ocp.StandardCheckpointer().restore(os.path.abspath(directory))
-    if not isinstance(raw, Mapping):  # a dataclass-shaped tree
-      raw = {f.name: getattr(raw, f.name) for f in dataclasses.fields(raw)}
+    return raw
+  directory = path
+  if os.path.isdir(os.path.join(directory, 'checkpoints')):
+    directory = os.path.join(directory, 'checkpoints')
+  steps = [d for d in os.listdir(directory) if d.isdigit()] \
+      if os.path.isdir(directory) else []
+  if steps:
+    directory = os.path.join(directory, max(steps, key=int))
+  if os.path.isdir(os.path.join(directory, 'state')):
+    directory = os.path.join(directory, 'state')
+  raw = ocp.StandardCheckpointer().restore(os.path.abspath(directory))
+  if not isinstance(raw, Mapping):  # a dataclass-shaped tree
+    raw = {f.name: getattr(raw, f.name) for f in dataclasses.fields(raw)}
+  return raw
+
+
+def _variables_of(raw, path: str, prefer_ema: bool, what: str = 'init_from.path'):
+  """(params, batch_stats, used_ema) flat numpy dicts of a tree with
+  params / batch_stats (and maybe ema_*) at its top."""
   used_ema = False
   params = batch_stats = None
   if prefer_ema:
@@ -176,7 +187,7 @@ def read_pretrained(path: str, prefer_ema: bool = True
     batch_stats = _subtree(raw, 'batch_stats')
   if params is None:
     raise ValueError(
-        f'init_from.path={path!r}: no params (or ema_params) found; top-level '
+        f'{what}={path!r}: no params (or ema_params) found; top-level '
         f'keys are {sorted(raw) if isinstance(raw, Mapping) else type(raw)}')
   to_numpy = lambda t: {k: np.asarray(v) for k, v in flatten(t).items()}
   return to_numpy(params), to_numpy(batch_stats or {}), used_ema
@@ -332,6 +343,66 @@ def init_from_pretrained(state, path: str, *, prefer_ema: bool, shardings):
         ema_batch_stats=jax.device_put(copy(batch_stats),
                                        shardings.ema_batch_stats))
   return state.replace(**replace), report
+
+
+def init_extras_from(state, path: str, *, prefer_ema: bool, shardings
+                     ) -> tuple[Any, str]:
+  """The state with every extra network's variables (e.g. a pretrained
+  second extractor) from the training checkpoint at `path`, which must
+  hold extras of the same names and shapes; their optimizer slots stay
+  fresh. Returns (state, a one-line report).
+
+  Raises:
+    ValueError: one line: unreadable, no such extra, or a shape mismatch.
+  """
+  what = 'distill.init_from'
+  try:
+    raw = _read_raw(path)
+  except Exception as e:  # orbax raises many types for a damaged directory
+    lines = str(e).strip().splitlines()
+    raise ValueError(f'{what}={path!r}: unreadable checkpoint '
+                     f'({type(e).__name__}: {lines[0] if lines else ""})'
+                     ) from None
+  stored = raw.get('extras') if isinstance(raw, Mapping) else None
+  replace, used_ema = {}, []
+  for name, extra in state.extras.items():
+    if not isinstance(stored, Mapping) or name not in stored:
+      raise ValueError(
+          f'{what}={path!r} holds no extra network {name!r} (it has '
+          f'{", ".join(sorted(stored)) if stored else "none"}): not a '
+          'checkpoint of a self-distillation run like this one')
+    params, stats, ema = _variables_of(stored[name], path, prefer_ema, what)
+    host_params, host_stats = to_host((extra.params, extra.batch_stats))
+    new = {}
+    for key, target, source in (('params', host_params, params),
+                                ('batch_stats', host_stats, stats)):
+      merged, _, missing, unused = merge_pretrained(target, source)
+      if missing or unused:
+        bad = (missing or unused)[0]
+        want = dict(flatten(target)).get(bad)
+        raise ValueError(
+            f'{what}={path!r}: extra {name!r} does not fit: {key}/{bad} is '
+            f'{tuple(np.shape(source[bad])) if bad in source else "missing"}'
+            f' there, {tuple(np.shape(want)) if want is not None else "absent"}'
+            ' here (a different extractor; choose the same one by name)')
+      new[key] = merged
+    extra_shardings = shardings.extras[name]
+    fields = dict(
+        params=jax.device_put(new['params'], extra_shardings.params),
+        batch_stats=jax.device_put(new['batch_stats'],
+                                   extra_shardings.batch_stats))
+    if extra.ema_params is not None:
+      copy = lambda tree: jax.tree.map(np.array, tree)  # not aliased
+      fields.update(
+          ema_params=jax.device_put(copy(new['params']),
+                                    extra_shardings.ema_params),
+          ema_batch_stats=jax.device_put(copy(new['batch_stats']),
+                                         extra_shardings.ema_batch_stats))
+    replace[name] = extra.replace(**fields)
+    used_ema.append(ema)
+  report = (f'second extractors {", ".join(sorted(replace))} from {path} '
+            f'({"EMA" if all(used_ema) else "raw"} weights)')
+  return state.replace(extras=dict(state.extras, **replace)), report
 
 
 def export_model(state, workdir: str, *, model, normalization: str,

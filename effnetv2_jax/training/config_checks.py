@@ -103,6 +103,11 @@ def _check_distill(d) -> None:
     for part in key.split('.'):
       value = value[part]
     _require(value >= 0, f'distill.{key}', value, 'must be >= 0')
+  if d.get('init_from'):
+    _require(d.mode == 'stacked', 'distill.init_from', d.init_from,
+             "only a 'stacked' run has second extractors to load")
+    _require('://' in d.init_from or os.path.exists(d.init_from),
+             'distill.init_from', d.init_from, 'no such file or directory')
   _require(0 <= d.budget.min_accuracy <= 1, 'distill.budget.min_accuracy',
            d.budget.min_accuracy, 'must be a top-1 fraction in [0, 1]')
   _require(d.budget.trial_epochs > 0, 'distill.budget.trial_epochs',

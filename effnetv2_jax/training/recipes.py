@@ -147,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.head_weight = 1.0  # the task loss of the extractor's head
   c.distill.distance = 'l2'  # l2 | cosine, normalised per tap
   c.distill.second = 'joint'  # joint | frozen (the extractor keeps its init)
+  # A self-distillation run's workdir (or checkpoint) to start the second
+  # extractors from: a pretrained target, e.g. with second='frozen'.
+  c.distill.init_from = config_dict.placeholder(str)
   c.distill.budget = ml_collections.ConfigDict()
   c.distill.budget.max_memory_mb = 0.0  # extra training memory; 0: none
   c.distill.budget.max_mmacs = 0.0  # extra MACs per image (millions)

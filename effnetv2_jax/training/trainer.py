@@ -352,12 +352,20 @@ def _initial_state(task, ckpt, resume, config):
              if resume.stage else 'between stages')
     return state, None
   state = task.init_sharded()
-  if not config.init_from.path:
-    return state, None
-  state, report = checkpointing.init_from_pretrained(
-      state, config.init_from.path, prefer_ema=config.init_from.prefer_ema,
-      shardings=task.shardings)
-  print(report.describe(), flush=True)
+  report = None
+  if config.init_from.path:
+    state, report = checkpointing.init_from_pretrained(
+        state, config.init_from.path,
+        prefer_ema=config.init_from.prefer_ema, shardings=task.shardings)
+    print(report.describe(), flush=True)
+  if config.distill.get('init_from'):
+    try:
+      state, loaded = checkpointing.init_extras_from(
+          state, config.distill.init_from,
+          prefer_ema=config.init_from.prefer_ema, shardings=task.shardings)
+    except ValueError as e:
+      raise ConfigError(f'config.{e}') from None
+    print(loaded, flush=True)
   return state, report
 
 
