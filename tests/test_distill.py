@@ -33,7 +33,7 @@ CLASSES, BATCH, SIZE = 10, 8, 24
 TINY_CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
 
 
-def _distill_task(head_weight=1.0, weight=1.0):
+def _distill_task(head_weight=1.0, weight=1.0, devices=1):
   model = state_lib.ModelSpec(small.TINY, CLASSES, drop_path_rate=0.0)
   shapes = distill_setup.feature_shapes(model, SIZE)
   spec = extractors.select('mbconv-d1-e4',
@@ -45,7 +45,7 @@ def _distill_task(head_weight=1.0, weight=1.0):
       (term_lib.Tap('stage2', 'distill0'),), task_lib.ClassificationLoss(),
       weight=weight, head_weight=head_weight)
   return task_lib.TrainTask(
-      model, mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]),
+      model, mesh=mesh_lib.make_mesh(devices=jax.devices()[:devices]),
       make_optimizer=optimizer.build,
       schedule={'lr_per_256': 0.5, 'kind': 'constant', 'warmup_epochs': 0.0},
       total_epochs=1.0, num_train_examples=100, terms=[term], extras=[extra],
@@ -78,6 +78,41 @@ def test_no_gradient_reaches_the_extractor_through_the_target():
   # The extractor learns from its own head's task loss.
   _, extra_norm, _ = _gradients(_distill_task(head_weight=1.0))
   assert extra_norm > 0
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake) devices')
+def test_a_distill_step_over_8_devices_equals_the_one_device_step():
+  initial, results = None, {}
+  for devices in (1, 8):
+    task = _distill_task(devices=devices)
+    if initial is None:
+      initial = jax.device_get(jax.jit(task.init)())
+    step = jax.jit(task.train_step,
+                   in_shardings=(task.shardings, task.batch_sharding,
+                                 task.replicated),
+                   out_shardings=(task.shardings, task.replicated),
+                   donate_argnums=(0,))
+    hparams = task.hparams(batch_size=BATCH, start_step=0, start_epoch=0.0,
+                           dropout_rate=0.0)
+    state, metrics = step(jax.device_put(initial, task.shardings),
+                          jax.device_put(_batch(), task.batch_sharding),
+                          hparams)
+    results[devices] = (state, jax.device_get(state), jax.device_get(metrics))
+  live = results[8][0].extras['distill0'].params
+  assert jax.tree.leaves(live)[0].sharding.num_devices == 8
+  assert float(results[1][2]['loss_distill']) == pytest.approx(
+      float(results[8][2]['loss_distill']), rel=1e-5)
+  for name in ('params', 'extras'):
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(getattr(results[1][1], name))[0],
+        jax.tree.leaves(getattr(results[8][1], name))):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6,
+                                 err_msg=f'{name}{jax.tree_util.keystr(path)}')
+  # The step moved the extractor (not two untouched initialisations).
+  moved = max(np.abs(a - b).max() for a, b in zip(
+      jax.tree.leaves(initial.extras['distill0'].params),
+      jax.tree.leaves(results[1][1].extras['distill0'].params)))
+  assert moved > 1e-4
 
 
 def test_distance_is_scale_free_and_zero_at_the_target():
