@@ -14,14 +14,12 @@ run's wall time and mean step time per (setting, mode).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import seeded_runs
+
 MODES = ('plain', 'stacked', 'label_heads')
 
 
@@ -36,25 +34,8 @@ def parse_args(argv=None):
 
 
 def command(setting: str, mode: str, seed: int, workdir: str) -> list[str]:
-  return [sys.executable, '-m', 'effnetv2_jax.main',
-          f'--config={os.path.join(ROOT, "configs", "distill.py")}:'
-          f'{setting},{mode}', f'--config.seed={seed}',
-          f'--workdir={workdir}', '--config.progress_bar=off']
-
-
-def summary_of(workdir: str) -> dict | None:
-  try:
-    with open(os.path.join(workdir, 'summary.json'), encoding='utf-8') as f:
-      summary = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return summary if summary.get('status') == 'completed' else None
-
-
-def mean_std(values) -> str:
-  values = [100 * v for v in values]
-  std = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f'{statistics.mean(values):.2f} ± {std:.2f}'
+  return seeded_runs.train_command(f'distill.py:{setting},{mode}', workdir,
+                                   seed)
 
 
 def main(argv=None) -> int:
@@ -68,15 +49,8 @@ def main(argv=None) -> int:
         if args.print_commands:
           print(' '.join(argv_))
           continue
-        summary = summary_of(workdir)
-        if summary is None:
-          start = time.time()
-          print(f'{setting} {mode} seed {seed}: training', flush=True)
-          subprocess.run(argv_, check=True, cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-          summary = summary_of(workdir)
-          print(f'  test top-1 {summary["eval"]["top1"]:.4f} in '
-                f'{time.time() - start:.0f} s', flush=True)
+        summary = seeded_runs.run_or_reuse(argv_, workdir,
+                                           f'{setting} {mode} seed {seed}')
         results.setdefault((setting, mode), []).append(summary)
   if args.print_commands:
     return 0
@@ -93,13 +67,12 @@ def main(argv=None) -> int:
                                     for s in summaries),
         num_params=summaries[0]['num_params'])
     rows.append(row)
-    print(f'{setting:<13} {mode:<12} {mean_std(row["top1"]):>14} '
-          f'{mean_std(row["ema_top1"]):>14} {row["wall_time_s"]:>7.0f} '
+    print(f'{setting:<13} {mode:<12} '
+          f'{seeded_runs.mean_std(row["top1"]):>14} '
+          f'{seeded_runs.mean_std(row["ema_top1"]):>14} '
+          f'{row["wall_time_s"]:>7.0f} '
           f'{1000 * row["step_time_s"]:>8.1f} {row["num_params"]:>9,}')
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'ablation.json'), 'w',
-            encoding='utf-8') as f:
-    json.dump(rows, f, indent=1)
+  seeded_runs.write_json(os.path.join(args.out, 'ablation.json'), rows)
   return 0
 
 

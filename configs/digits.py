@@ -1,6 +1,10 @@
 r"""Quickstart: a small EfficientNetV2 on scikit-learn's 8x8 digits, on a CPU.
 
     python -m effnetv2_jax.main --config=configs/digits.py --workdir=/tmp/digits
+    # The feedback controller instead of the linear ramp (README, "Feedback
+    # controller"):
+    python -m effnetv2_jax.main --config=configs/digits.py:controller=feedback \
+        --workdir=/tmp/digits_feedback
 
 No download: the 1,797 digits ship with scikit-learn (1,437 train / 360
 test). 10% of train (144 digits, `config.data.holdout`) is held out for the
@@ -39,7 +43,7 @@ DIGITS_ARCH = small.DIGITS
 
 
 def get_config(arg=None):
-  recipes.parse_arg(arg)  # takes none: a stray ':argument' is an error
+  args = recipes.parse_arg(arg, controller='linear')
   c = recipes.base_config()
   c.experiment = 'digits_quickstart'
   c.model.arch = DIGITS_ARCH.to_dict()
@@ -63,4 +67,5 @@ def get_config(arg=None):
   c.eval.every_steps = 0
   c.checkpoint.every_steps = 200
   c.log_every_steps = 20
+  recipes.apply_controller(c, args.controller)
   return c

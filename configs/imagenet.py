@@ -1,7 +1,10 @@
 r"""ImageNet-1k from scratch: EfficientNetV2-S/M/L/XL and B0-B3, two recipes.
 
-Argument: `<variant>[,<preset>]`, variant in s, m, l, xl, b0, b1, b2, b3 and
-preset 'paper' (default) or 'official'.
+Argument: `<variant>[,<preset>][,controller=feedback]`, variant in s, m, l,
+xl, b0, b1, b2, b3 and preset 'paper' (default) or 'official'; `controller`
+'linear' (default, the paper's ramp) or 'feedback' (each stage's size and
+regularisation set from the last stages' clean-train vs holdout accuracy,
+README "Feedback controller"; 25,000 train images held out for it).
 
     # On a TPU VM slice (see launch/), ImageNet prepared with tfds:
     python -m effnetv2_jax.main --config=configs/imagenet.py:s,paper \
@@ -39,11 +42,17 @@ from effnetv2_jax.training import recipes
 
 
 def get_config(arg=None):
-  args = recipes.parse_arg(arg, variant='s', preset='paper')
+  args = recipes.parse_arg(arg, variant='s', preset='paper',
+                          controller='linear')
   c = recipes.base_config()
   recipes.apply_imagenet_recipe(c, args.variant, args.preset)
   c.experiment = f'imagenet_{args.variant}_{args.preset}'
   c.data.dataset = 'imagenet2012'
   c.eval.every_steps = 5000
   c.checkpoint.every_steps = 1000
+  # feedback: decisions on 25,000 train images held out (about 2%, the
+  # size of minival, which stays the eval split).
+  recipes.apply_controller(c, args.controller, holdout=25_000)
+  if args.controller != 'linear':
+    c.experiment += f'_{args.controller}'
   return c

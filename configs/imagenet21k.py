@@ -1,7 +1,9 @@
 r"""ImageNet-21k pretraining (then fine-tune with configs/finetune_21k_to_1k.py).
 
-Argument: `<variant>[,<preset>]`, variant in s, m, l, xl (b0-b3 also
-accepted), preset 'paper' (default) or 'official'.
+Argument: `<variant>[,<preset>][,controller=feedback]`, variant in s, m, l,
+xl (b0-b3 also accepted), preset 'paper' (default) or 'official';
+`controller` 'linear' (default) or 'feedback' (README "Feedback controller";
+100,000 more train images held out for its decisions).
 
     python -m effnetv2_jax.main --config=configs/imagenet21k.py:l,paper \
         --workdir=gs://BUCKET/effnetv2/l_21k \
@@ -29,7 +31,8 @@ from effnetv2_jax.training import recipes
 
 
 def get_config(arg=None):
-  args = recipes.parse_arg(arg, variant='l', preset='paper')
+  args = recipes.parse_arg(arg, variant='l', preset='paper',
+                          controller='linear')
   c = recipes.base_config()
   recipes.apply_imagenet_recipe(c, args.variant, args.preset)
   c.experiment = f'imagenet21k_{args.variant}_{args.preset}'
@@ -52,4 +55,7 @@ def get_config(arg=None):
     c.eval.image_size = 224
   c.eval.every_steps = 10000
   c.checkpoint.every_steps = 2000
+  recipes.apply_controller(c, args.controller, holdout=100_000)
+  if args.controller != 'linear':
+    c.experiment += f'_{args.controller}'
   return c

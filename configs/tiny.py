@@ -17,7 +17,7 @@ TINY_ARCH = small.TINY
 
 
 def get_config(arg=None):
-  args = recipes.parse_arg(arg, dataset='digits')
+  args = recipes.parse_arg(arg, dataset='digits', controller='linear')
   c = recipes.base_config()
   c.experiment = f'tiny_{args.dataset}'
   c.model.arch = TINY_ARCH.to_dict()
@@ -41,4 +41,5 @@ def get_config(arg=None):
   c.checkpoint.keep = 2
   c.log_every_steps = 2
   c.progress_bar = 'off'
+  recipes.apply_controller(c, args.controller, holdout=32)
   return c

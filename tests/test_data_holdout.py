@@ -263,3 +263,24 @@ def test_digits_config_trains_without_its_holdout_and_tests_on_test():
         c.dataset, split=split, holdout=c.holdout,
         global_batch_size=config.eval.batch_size, image_size=16, **SINGLE)
     assert sum(b['mask'].sum() for b in ev) == size
+
+
+def test_the_train_probe_is_held_out_size_of_train_spread_over_it(folder):
+  digits_rest = sources.get_source('digits', 'train', holdout=144)
+  probe = sources.get_source('digits', data.TRAIN_PROBE_SPLIT, holdout=144)
+  assert probe.num_examples == 144 and probe.split == data.TRAIN_PROBE_SPLIT
+  assert set(probe.example_ids) <= set(digits_rest.example_ids)
+  held = sources.get_source('digits', HOLDOUT, holdout=144)
+  assert not set(probe.example_ids) & set(held.example_ids)
+  # Train smaller than the holdout: all of it.
+  small = sources.get_source('digits', data.TRAIN_PROBE_SPLIT, holdout=1137)
+  assert small.num_examples == 300
+  # A folder stored class by class: the probe still has every class.
+  folder_probe = sources.get_source(folder, data.TRAIN_PROBE_SPLIT, holdout=3)
+  assert len(set(folder_probe.labels)) == 3
+  with tfds.testing.mock_data(num_examples=10):
+    tfds_probe = sources.get_source('cifar10', data.TRAIN_PROBE_SPLIT,
+                                    holdout=3)
+  assert tfds_probe.segments == (('train', 0, 3),)
+  with pytest.raises(ValueError, match="'train_probe' needs a holdout"):
+    sources.get_source('digits', data.TRAIN_PROBE_SPLIT)

@@ -34,12 +34,13 @@ from effnetv2_jax.data.sources import dataset_info
 from effnetv2_jax.data.sources import DatasetInfo
 from effnetv2_jax.data.sources import DatasetNotPreparedError
 from effnetv2_jax.data.sources import HOLDOUT_SPLIT
+from effnetv2_jax.data.sources import TRAIN_PROBE_SPLIT
 from effnetv2_jax.data.sources import holdout_size
 from effnetv2_jax.data.sources import SkippedFilesWarning
 
 __all__ = [
     'DATASET_NAMES', 'DatasetInfo', 'DatasetNotPreparedError', 'EvalIterator',
-    'HOLDOUT_SPLIT', 'SkippedFilesWarning', 'TrainIterator', 'clear_cache',
-    'dataset_info', 'holdout_size', 'host_slice', 'make_eval_iterator',
+    'HOLDOUT_SPLIT', 'SkippedFilesWarning', 'TRAIN_PROBE_SPLIT',
+    'TrainIterator', 'clear_cache', 'dataset_info', 'holdout_size', 'host_slice', 'make_eval_iterator',
     'make_train_iterator',
 ]

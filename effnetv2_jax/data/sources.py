@@ -68,6 +68,11 @@ PATH = 'path'        # a path to an encoded image file, tf.string
 PIXELS = 'pixels'    # decoded uint8 pixels [h, w, 3] of a fixed shape
 
 HOLDOUT_SPLIT = 'holdout'  # the logical split carved by `holdout`
+# As many training examples as the holdout has (fewer if train is smaller),
+# spread over the train split that remains: evaluated without augmentation,
+# the clean-train accuracy beside the holdout's (the feedback controller's
+# generalisation gap).
+TRAIN_PROBE_SPLIT = 'train_probe'
 IMAGENET_MINIVAL_FRACTION = 0.02
 IMAGENET21K_HOLDOUT = 100_000
 DIGITS_NUM_TRAIN = 1437
@@ -159,6 +164,10 @@ class Source:
     """
     raise NotImplementedError
 
+  def probe(self, count: int, split: str) -> Source:
+    """`count` of the examples, spread over the split (a fixed choice)."""
+    raise NotImplementedError
+
 
 class ArraySource(Source):
   """A split held in memory: record and label arrays.
@@ -196,6 +205,12 @@ class ArraySource(Source):
     held[self._holdout_order[:count]] = True
     return (self._subset(np.flatnonzero(~held), rest_split),
             self._subset(np.flatnonzero(held), held_split))
+
+  def probe(self, count, split):
+    # Evenly spaced, so a folder stored class by class gives every class.
+    indices = np.unique(np.linspace(0, self.num_examples - 1, count
+                                    ).round().astype(int))
+    return self._subset(indices, split)
 
   def _subset(self, indices: np.ndarray, split: str) -> ArraySource:
     subset = copy.copy(self)
@@ -433,6 +448,11 @@ class TfdsSource(Source):
                                 _cut_segments(self.segments, 0, keep)),
             self._with_segments(held_split, _cut_segments(
                 self.segments, keep, self.num_examples)))
+
+  def probe(self, count, split):
+    # tfds shuffles a dataset when preparing it: its head is a uniform
+    # sample, read as one range.
+    return self._with_segments(split, _cut_segments(self.segments, 0, count))
 
   def _with_segments(self, split: str, segments) -> TfdsSource:
     return TfdsSource(self.name, split, self.builder, segments,
@@ -767,9 +787,14 @@ def get_source(name: str, split: str, data_dir: str | None = None,
   """
   _check_name(name)
   _check_holdout(holdout)
-  if split == HOLDOUT_SPLIT and not holdout:
-    raise ValueError(f'split {HOLDOUT_SPLIT!r} needs a holdout > 0 '
+  if split in (HOLDOUT_SPLIT, TRAIN_PROBE_SPLIT) and not holdout:
+    raise ValueError(f'split {split!r} needs a holdout > 0 '
                      f'(config.data.holdout), got {holdout!r}')
+  if split == TRAIN_PROBE_SPLIT:
+    rest, held = _carve(name, default_splits(name, data_dir)[0], data_dir,
+                        holdout)
+    return rest.probe(min(held.num_examples, rest.num_examples),
+                      TRAIN_PROBE_SPLIT)
   if holdout:
     train_split = default_splits(name, data_dir)[0]
     if split in (train_split, HOLDOUT_SPLIT):

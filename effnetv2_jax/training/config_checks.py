@@ -86,6 +86,26 @@ DISTILL_MODES = ('off', 'stacked', 'label_heads')
 DISTILL_KINDS = ('auto', 'mbconv', 'fused_mbconv', 'transformer', 'mixer')
 
 
+CONTROLLERS = ('linear', 'feedback')
+
+
+def _check_controller(config) -> None:
+  p = config.progressive
+  _require(p.controller in CONTROLLERS, 'progressive.controller',
+           p.controller, f'must be one of {CONTROLLERS}')
+  if p.controller != 'feedback':
+    return
+  _require(bool(config.data.holdout), 'data.holdout', config.data.holdout,
+           "progressive.controller='feedback' decides on a holdout carved "
+           'from train; set it (e.g. 0.1)')
+  _require(config.eval.at_stage_end, 'eval.at_stage_end',
+           config.eval.at_stage_end, "progressive.controller='feedback' "
+           'needs the stage-end evals')
+  _require(p.batch_size_rule == 'constant', 'progressive.batch_size_rule',
+           p.batch_size_rule, "progressive.controller='feedback' keeps the "
+           "linear plan's stage lengths in steps; use 'constant'")
+
+
 def _check_distill(d) -> None:
   _require(d.mode in DISTILL_MODES, 'distill.mode', d.mode,
            f'must be one of {DISTILL_MODES}')
@@ -214,6 +234,7 @@ def validate(config, *, num_devices: int, data_axis_size: int | None = None,
   _pair(config, 'progressive.mixup_alpha', 0.0, 100.0)
   _pair(config, 'progressive.cutmix_alpha', 0.0, 100.0)
   _pair(config, 'progressive.dropout_rate', 0.0, 1.0, upper_open=True)
+  _check_controller(config)
 
   _check_distill(config.distill)
 

@@ -18,56 +18,62 @@ from effnetv2_jax.training import steps as steps_lib
 
 
 class Evaluator:
-  """`evaluator(state, step, split) -> metrics` (loss, top1, top5, ema_*).
+  """`evaluator(state, step, split, image_size) -> metrics` (loss, top1,
+  top5, ema_*); image_size defaults to the eval size.
 
   Args:
     compiler: gives the compiled eval step (`Compiler.get('eval', ...)`).
-    make_iterator: split name -> a re-iterable eval pass (made on first use
-      and kept; `close` releases them).
+    make_iterator: (split name, image size) -> a re-iterable eval pass (made
+      on first use and kept; `close` releases them).
     batch_size, image_size: the eval program's shape.
-    reporter: receives the scalars (under 'eval' or 'eval_<split>') and a
-      line per evaluation.
+    reporter: receives the scalars (under 'eval' or 'eval_<split>', with
+      '@<size>' at a size other than the eval size) and a line per
+      evaluation.
     use_ema: also evaluate the EMA weights.
     default_split: the split whose scalars go under plain 'eval'.
   """
 
-  def __init__(self, *, compiler, make_iterator: Callable[[str], Any],
+  def __init__(self, *, compiler, make_iterator: Callable[[str, int], Any],
                batch_size: int, image_size: int, reporter, use_ema: bool,
                default_split: str):
     self._compiler = compiler
     self._make_iterator = make_iterator
-    self._iterators: dict[str, Any] = {}
+    self._iterators: dict[tuple[str, int], Any] = {}
     self._batch_size = batch_size
     self._image_size = image_size
     self._reporter = reporter
     self._use_ema = use_ema
     self._default_split = default_split
-    self._results: dict[tuple[int, str], dict[str, float]] = {}
+    self._results: dict[tuple[int, str, int], dict[str, float]] = {}
 
-  def _iterator(self, split: str):
-    if split not in self._iterators:
-      self._iterators[split] = self._make_iterator(split)
-    return self._iterators[split]
+  def _iterator(self, split: str, image_size: int):
+    key = (split, image_size)
+    if key not in self._iterators:
+      self._iterators[key] = self._make_iterator(split, image_size)
+    return self._iterators[key]
 
-  def __call__(self, state, step: int, split: str | None = None
-               ) -> dict[str, float]:
+  def __call__(self, state, step: int, split: str | None = None,
+               image_size: int | None = None) -> dict[str, float]:
     split = split or self._default_split
-    if (step, split) in self._results:
-      return self._results[(step, split)]
+    image_size = image_size or self._image_size
+    key = (step, split, image_size)
+    if key in self._results:
+      return self._results[key]
     start = time.time()
-    compiled, _ = self._compiler.get('eval', self._batch_size,
-                                     self._image_size)
+    compiled, _ = self._compiler.get('eval', self._batch_size, image_size)
     weights = {'': (state.params, state.batch_stats)}
     if self._use_ema:
       weights['ema_'] = (state.ema_params, state.ema_batch_stats)
-    data = self._iterator(split)
+    data = self._iterator(split, image_size)
     result = _evaluate(compiled.executable, weights, data)
     result['eval_time_s'] = time.time() - start
     kind = 'eval' if split == self._default_split else f'eval_{split}'
+    if image_size != self._image_size:
+      kind += f'@{image_size}'
     self._reporter.scalars(step, kind, result)
-    self._reporter.text(_describe(step, split, self._image_size,
+    self._reporter.text(_describe(step, split, image_size,
                                   data.num_examples, result))
-    self._results[(step, split)] = result
+    self._results[key] = result
     return result
 
   def close(self) -> None:

@@ -93,6 +93,7 @@ class Run:
   every: Mapping[str, int]  # log / checkpoint / eval every N steps (0: never)
   stage_eval_split: str
   eval_at_stage_end: bool
+  probe_split: str | None  # evaluated at stage ends when the planner asks
   compile_ahead: bool
   model_description: dict
   history: list = dataclasses.field(default_factory=list)
@@ -128,6 +129,9 @@ def run_stages(run: Run, state, resume: checkpointing.ResumePoint | None
     run.ckpt.save(settings.end_step, state,
                   run.checkpoint_meta(settings.end_step))
     settings = run.planner.next_stage(run.history)
+    decision = run.planner.describe_decision()
+    if decision and settings is not None:
+      run.reporter.text(decision)
   run.ckpt.wait()
   return state, 'completed'
 
@@ -250,6 +254,12 @@ def _run_stage(run: Run, settings: progressive.StageSettings, state,
   if run.eval_at_stage_end or settings.end_step >= run.planner.total_steps:
     eval_metrics = run.evaluate(state, settings.end_step,
                                 run.stage_eval_split)
+  controller_evals = {}
+  if run.planner.wants_train_probe and run.probe_split:
+    controller_evals = {
+        split: run.evaluate(state, settings.end_step, split,
+                            settings.image_size)
+        for split in (run.stage_eval_split, run.probe_split)}
   wall = progress.elapsed
   return state, progressive.StageResult(
       settings=settings, train_metrics=progress.metrics.stage_means(),
@@ -259,7 +269,8 @@ def _run_stage(run: Run, settings: progressive.StageSettings, state,
                                                                      1e-9),
       step_time_s=progress.train_seconds / max(1, step - first_step),
       compile_wait_s=waited, compile_cache_hit=compiled.cache_hit,
-      update_compile_time_s=update.seconds, memory=memory)
+      update_compile_time_s=update.seconds, memory=memory,
+      controller_evals=controller_evals)
 
 
 def _train_steps(run: Run, progress: _Progress, history, state, train_data,

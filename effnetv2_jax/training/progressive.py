@@ -13,8 +13,9 @@ function. Two rules exist for the image sizes:
 
 The training loop does not read a constant plan: it asks a `StagePlanner`
 for the next stage, giving it what the finished stages produced. The default
-`LinearStagePlanner` returns the precomputed plan; an adaptive controller can
-set the next stage's regularisation from the last stage's losses.
+`LinearStagePlanner` returns the precomputed plan; `feedback` has the
+controller that sets the next stage's size and regularisation from the last
+stages' outputs.
 
 Importable without tensorflow or ml_collections.
 """
@@ -95,10 +96,17 @@ class StageResult:
   compile_cache_hit: bool = False
   update_compile_time_s: float = 0.0
   memory: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  # When the planner asks (`wants_train_probe`): split -> eval metrics at
+  # the stage's own image size, for the holdout and for un-augmented
+  # training images (data.TRAIN_PROBE_SPLIT).
+  controller_evals: Mapping[str, Mapping[str, float]] = dataclasses.field(
+      default_factory=dict)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d['settings'] = self.settings.to_dict()
+    d['controller_evals'] = {k: dict(v)
+                             for k, v in self.controller_evals.items()}
     for key in ('train_metrics', 'eval_metrics', 'memory'):
       d[key] = dict(getattr(self, key))
     return d
@@ -120,12 +128,23 @@ class StagePlanner:
   ahead, the ETA, the eval-size check). A planner that keeps state of its
   own returns it from `state_dict` (JSON) and takes it back in
   `load_state_dict`; the checkpoint stores it, so a resumed run replays the
-  same decisions.
+  same decisions. A planner whose `wants_train_probe` is true gets each
+  stage's evals on the holdout and on un-augmented training images at the
+  stage's image size (`StageResult.controller_evals`);
+  `describe_decision` (a line, or None) is logged after
+  each `next_stage` and `summary` goes to summary.json's `controller`.
   """
 
   total_steps: int
   total_epochs: float
   num_stages: int
+  wants_train_probe: bool = False
+
+  def describe_decision(self) -> str | None:
+    return None
+
+  def summary(self) -> dict[str, Any]:
+    return {'kind': 'linear'}
 
   def next_stage(self, history: Sequence[StageResult]
                  ) -> StageSettings | None:

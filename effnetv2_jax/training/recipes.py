@@ -118,6 +118,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.progressive.dropout_rate = (0.1, 0.3)
   c.progressive.batch_size_rule = 'constant'  # or 'constant_memory'
   c.progressive.max_batch_size = 0  # cap for 'constant_memory'; 0: none
+  # 'linear': the paper's fixed ramp. 'feedback': each stage's level of the
+  # ramps above (and its size, from the linear plan's ladder) set from the
+  # last stages' clean-train vs holdout accuracy (training/feedback.py);
+  # needs data.holdout.
+  c.progressive.controller = 'linear'
+  c.progressive.feedback = ml_collections.ConfigDict()
+  c.progressive.feedback.hold_gap = 0.02  # gap at or below: held
+  c.progressive.feedback.target_gap = 0.05  # the gap of one linear step
+  c.progressive.feedback.growth_gain = 1.0  # faster when the gap grows
+  c.progressive.feedback.max_speedup = 3.0  # at most, in linear steps
 
   c.eval = ml_collections.ConfigDict()
   c.eval.image_size = 0  # 0: the architecture's eval size
@@ -279,6 +289,22 @@ def apply_imagenet_recipe(c: ml_collections.ConfigDict, variant: str,
     p.cutmix_alpha = (0.0, mix)
     p.dropout_rate = (arch.dropout_rate, arch.dropout_rate)
   return c
+
+
+CONTROLLERS = ('linear', 'feedback')
+
+
+def apply_controller(c: ml_collections.ConfigDict, controller: str, *,
+                     holdout=0.02) -> None:
+  """Selects config.progressive.controller; 'feedback' also carves a
+  holdout from train (`holdout`: a fraction or a count) when the config has
+  none, since its decisions are taken on one."""
+  if controller not in CONTROLLERS:
+    raise ValueError(f'unknown controller {controller!r}; choose one of '
+                     f'{", ".join(CONTROLLERS)}')
+  c.progressive.controller = controller
+  if controller == 'feedback' and not c.data.holdout:
+    c.data.holdout = holdout
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -166,13 +166,16 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
   return path
 
 
-def plot_curves(workdir: str, stage_boundaries: Sequence[tuple[int, int]],
-                title: str = '') -> str | None:
-  """PNG of train loss and eval top-1 against the step, stages marked.
+def plot_curves(workdir: str, history: Sequence[Any], title: str = ''
+                ) -> str | None:
+  """PNG of train loss, eval top-1 and each stage's regularisation against
+  the step, stages marked with their image size.
 
   Args:
     workdir: holds metrics.jsonl; the PNG is written next to it.
-    stage_boundaries: (start step, image size) of each stage.
+    history: the run's `progressive.StageResult`s. With the feedback
+      controller, the accuracy panel also shows each stage's clean-train
+      probe and holdout at the stage's size: the gap it decided on.
     title: figure title (the experiment name).
   """
   records = read_metrics(workdir)
@@ -185,11 +188,10 @@ def plot_curves(workdir: str, stage_boundaries: Sequence[tuple[int, int]],
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_loss, ax_acc, ax_reg) = plt.subplots(1, 3, figsize=(16, 4))
   if train:
     ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train],
                  label='train loss')
-  ax_loss.set_xlabel('step')
   ax_loss.set_ylabel('cross-entropy')
   for rows, key, label in ((evals, 'top1', 'top-1'),
                            (evals, 'ema_top1', 'top-1 (EMA)'),
@@ -198,16 +200,20 @@ def plot_curves(workdir: str, stage_boundaries: Sequence[tuple[int, int]],
     points = [(r['step'], 100 * r[key]) for r in rows if key in r]
     if points:
       ax_acc.plot(*zip(*points), marker='o', label=label)
-  ax_acc.set_xlabel('step')
+  _plot_controller_evals(ax_acc, history)
   ax_acc.set_ylabel('eval top-1 (%)')
-  for ax in (ax_loss, ax_acc):
-    for start, size in stage_boundaries:
-      ax.axvline(start, color='grey', linestyle=':', linewidth=1)
-      ax.annotate(f'{size}px', (start, 1.0), xycoords=('data', 'axes fraction'),
-                  fontsize=8, color='grey', va='top', ha='left')
+  _plot_regularisation(ax_reg, history)
+  for ax in (ax_loss, ax_acc, ax_reg):
+    ax.set_xlabel('step')
+    for h in history:
+      ax.axvline(h.settings.start_step, color='grey', linestyle=':',
+                 linewidth=1)
+      ax.annotate(f'{h.settings.image_size}px', (h.settings.start_step, 1.0),
+                  xycoords=('data', 'axes fraction'), fontsize=8,
+                  color='grey', va='top', ha='left')
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(loc='best')
+    if ax is not ax_reg and ax.get_legend_handles_labels()[0]:
+      ax.legend(loc='best', fontsize=8)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
@@ -217,6 +223,45 @@ def plot_curves(workdir: str, stage_boundaries: Sequence[tuple[int, int]],
   path = os.path.join(workdir, PLOT_FILE)
   _path(path).write_bytes(buffer.getvalue())
   return path
+
+
+def _plot_controller_evals(ax, history) -> None:
+  for split, label, marker in (('train_probe', 'clean-train @ stage size',
+                                's'),
+                               ('holdout', 'holdout @ stage size', 'D')):
+    points = [(h.settings.end_step, 100 * h.controller_evals[split]['top1'])
+              for h in history
+              if 'top1' in h.controller_evals.get(split, {})]
+    if points:
+      ax.plot(*zip(*points), marker=marker, linestyle='--', label=label)
+
+
+def _plot_regularisation(ax, history) -> None:
+  """Each stage's magnitudes as steps: RandAugment on the left axis, the
+  rates and alphas (0-1) on the right."""
+  if not history:
+    return
+  edges = [h.settings.start_step for h in history] + [
+      history[-1].settings.end_step]
+  values = lambda name: [getattr(h.settings, name) for h in history] + [
+      getattr(history[-1].settings, name)]
+  ax.step(edges, values('randaug_magnitude'), where='post', color='C0',
+          label='RandAugment magnitude')
+  ax.set_ylabel('RandAugment magnitude')
+  right = ax.twinx()
+  for i, (name, label) in enumerate((('dropout_rate', 'dropout'),
+                                     ('mixup_alpha', 'mixup alpha'),
+                                     ('cutmix_alpha', 'CutMix alpha'))):
+    if any(values(name)):
+      right.step(edges, values(name), where='post', color=f'C{i + 1}',
+                 label=label)
+  right.set_ylabel('rate / alpha')
+  handles = [*ax.get_legend_handles_labels()[0],
+             *right.get_legend_handles_labels()[0]]
+  labels = [*ax.get_legend_handles_labels()[1],
+            *right.get_legend_handles_labels()[1]]
+  right.legend(handles, labels, loc='upper left', fontsize=8)
+  ax.set_title('regularisation per stage', fontsize=10)
 
 
 def build_summary(*, experiment: str, status: str, final_step: int,

@@ -37,6 +37,7 @@ from effnetv2_jax.training import checkpointing
 from effnetv2_jax.training import compilation
 from effnetv2_jax.training import config_checks
 from effnetv2_jax.training import evaluation
+from effnetv2_jax.training import feedback
 from effnetv2_jax.training import loop
 from effnetv2_jax.training import mesh as mesh_lib
 from effnetv2_jax.training import progressive
@@ -120,7 +121,7 @@ def train_and_evaluate(config, workdir: str, *,
   config_checks.validate(config, num_devices=jax.device_count(),
                          reference=recipes.base_config())
   setup = _setup(config)
-  planner = planner or _linear_planner(config, setup)
+  planner = planner or _planner(config, setup)
   planned = planner.expected_stages([])
   config_checks.check_eval_size(setup.eval_size,
                                 [s.image_size for s in planned])
@@ -169,6 +170,7 @@ def train_and_evaluate(config, workdir: str, *,
                'eval': config.eval.every_steps},
         stage_eval_split=setup.stage_eval_split,
         eval_at_stage_end=config.eval.at_stage_end,
+        probe_split=_probe_split(config),
         compile_ahead=config.compile_ahead,
         model_description=setup.model.to_dict(),
         history=list(resume.history) if resume else [])
@@ -181,6 +183,7 @@ def train_and_evaluate(config, workdir: str, *,
         experiment=config.experiment, status=status, final_step=final_step,
         total_steps=planner.total_steps, final_eval=final_eval,
         eval_image_size=setup.eval_size, history=run.history,
+        controller=planner.summary(),
         **_run_facts(config, setup, task, run_start, load_report))
     if status == 'completed' and config.export_model and options.export:
       summary['model_dir'] = checkpointing.export_model(
@@ -234,6 +237,30 @@ def _check_convolutions(config, dtype) -> None:
       raise ConfigError(f"config.model.conv_impl='onednn': {e}") from None
   log.info('convolutions: %s',
            kernels.describe_conv_impl(config.model.conv_impl, dtype))
+
+
+def _planner(config, setup: _Setup) -> progressive.StagePlanner:
+  """config.progressive.controller's planner: the linear plan, or the
+  feedback controller over the linear plan's stages."""
+  linear = _linear_planner(config, setup)
+  if config.progressive.controller == 'linear':
+    return linear
+  p = config.progressive
+  try:
+    return feedback.FeedbackStagePlanner(
+        linear.stages,
+        bounds={name: tuple(p[name]) for name in feedback.MAGNITUDES},
+        rule=feedback.FeedbackRule(**p.feedback.to_dict()),
+        holdout_split=setup.stage_eval_split,
+        probe_split=_probe_split(config))
+  except ValueError as e:
+    raise ConfigError(f'config.{e}' if str(e).startswith('progressive.')
+                      else f'config.progressive: {e}') from None
+
+
+def _probe_split(config) -> str | None:
+  from effnetv2_jax import data  # pylint: disable=g-import-not-at-top
+  return data.TRAIN_PROBE_SPLIT if config.data.holdout else None
 
 
 def _linear_planner(config, setup: _Setup) -> progressive.LinearStagePlanner:
@@ -385,11 +412,11 @@ def _evaluator(config, setup: _Setup, compiler, reporter, task
                ) -> evaluation.Evaluator:
   from effnetv2_jax import data  # pylint: disable=g-import-not-at-top
 
-  def make_iterator(split: str):
+  def make_iterator(split: str, image_size: int):
     return data.make_eval_iterator(
         config.data.dataset, data_dir=config.data.data_dir, split=split,
         holdout=config.data.holdout,
-        global_batch_size=config.eval.batch_size, image_size=setup.eval_size,
+        global_batch_size=config.eval.batch_size, image_size=image_size,
         normalization=setup.normalization, sharding=task.batch_sharding)
 
   return evaluation.Evaluator(
@@ -447,9 +474,7 @@ def _write_outputs(workdir: str, summary, history, config,
   if not options.plots:
     return
   try:
-    reporting.plot_curves(
-        workdir, [(h.settings.start_step, h.settings.image_size)
-                  for h in history], title=config.experiment)
+    reporting.plot_curves(workdir, history, title=config.experiment)
   except Exception as e:  # pylint: disable=broad-except
     log.warning('could not write the plot: %s', e)
 
