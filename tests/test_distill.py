@@ -161,6 +161,7 @@ def test_a_distilled_run_trains_both_and_exports_the_plain_network(tmp_path):
   assert all(np.isfinite(losses))
   plain = state_lib.ModelSpec(small.TINY, 10).num_params()
   assert summary['num_params'] == plain
+  assert 'mbconv-d1-e4 (by name)' in summary['distillation']
   from effnetv2_jax.models import weights
   exported = weights.load_model(summary['model_dir'])
   from effnetv2_jax.models import efficientnetv2

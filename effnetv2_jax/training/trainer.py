@@ -134,8 +134,8 @@ def train_and_evaluate(config, workdir: str, *,
 
   with contextlib.ExitStack() as cleanup:
     cleanup.enter_context(compilation.persistent_cache(cache_dir))
-    distill_terms, distill_extras = _distillation(config, setup, planner,
-                                                  planned)
+    distill_terms, distill_extras, distill_report = _distillation(
+        config, setup, planner, planned)
     terms, extras = (*terms, *distill_terms), (*extras, *distill_extras)
     task = task_lib.task_from_config(
         config, mesh=setup.mesh, model=setup.model,
@@ -184,6 +184,7 @@ def train_and_evaluate(config, workdir: str, *,
         total_steps=planner.total_steps, final_eval=final_eval,
         eval_image_size=setup.eval_size, history=run.history,
         controller=planner.summary(),
+        **({'distillation': distill_report} if distill_report else {}),
         **_run_facts(config, setup, task, run_start, load_report))
     if status == 'completed' and config.export_model and options.export:
       summary['model_dir'] = checkpointing.export_model(
@@ -279,10 +280,11 @@ def _linear_planner(config, setup: _Setup) -> progressive.LinearStagePlanner:
 
 
 def _distillation(config, setup: _Setup, planner, planned):
-  """config.distill's loss term and second extractors (none when off);
-  'auto' extractors are measured and chosen here, the table printed."""
+  """config.distill's loss term, second extractors and the report of what
+  was chosen and why (none when off); 'auto' extractors are measured and
+  chosen here, the table printed (and kept in summary.json)."""
   if config.distill.mode == 'off':
-    return (), ()
+    return (), (), ''
   from effnetv2_jax.distill import setup as distill_setup  # pylint: disable=g-import-not-at-top
   d = config.distill
   if d.mode == 'stacked' and d.extractor == 'auto' and d.budget.min_accuracy:
@@ -301,7 +303,7 @@ def _distillation(config, setup: _Setup, planner, planned):
     raise ConfigError(str(e) if str(e).startswith('config.') else
                       f'config.distill: {e}') from None
   print(f'self-distillation ({config.distill.mode}):\n{report}', flush=True)
-  return terms, extras
+  return terms, extras, report
 
 
 def _distillation_context(setup: _Setup, planner, last_stage) -> dict:
