@@ -6,7 +6,7 @@ xl, b0, b1, b2, b3 and preset 'paper' (default) or 'official'; `controller`
 regularisation set from the last stages' clean-train vs holdout accuracy,
 README "Feedback controller"; 25,000 train images held out for it).
 
-    # On a TPU VM slice (see launch/), ImageNet prepared with tfds:
+    # On a TPU slice (launch/tpu.py), ImageNet prepared with tfds:
     python -m effnetv2_jax.main --config=configs/imagenet.py:s,paper \
         --workdir=gs://BUCKET/effnetv2/s_paper \
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets \
