@@ -223,6 +223,9 @@ def load_checkpoint(path: str, variant: str | None = None, *,
   """(model, info) from a model directory or a training workdir.
 
   `info` has 'normalization', 'eval_size', 'num_classes', 'name', 'source'.
+  A model directory's eval size is the one model.json's extra.eval_size
+  records, if any (the official ImageNet-21k checkpoints evaluate at 224),
+  else the architecture's.
 
   Raises:
     WeightsError: missing/malformed checkpoint, or `variant` disagrees.
@@ -231,6 +234,7 @@ def load_checkpoint(path: str, variant: str | None = None, *,
   from effnetv2_jax.models import weights
 
   wanted = _resolve_variant(variant) if variant else None
+  recorded_size = None
   if weights.is_model_dir(path):
     meta = weights.read_meta(path)
     stored = meta['architecture_obj']
@@ -245,6 +249,7 @@ def load_checkpoint(path: str, variant: str | None = None, *,
     description = stored
     normalization = normalization or meta['normalization']
     source = meta.get('source') or path
+    recorded_size = (meta.get('extra') or {}).get('eval_size')
   elif _is_workdir(path):
     if wanted is None:
       raise weights.WeightsError(
@@ -258,7 +263,7 @@ def load_checkpoint(path: str, variant: str | None = None, *,
         f'{path}: neither a model directory (no model.json) nor a training '
         'workdir')
   info = dict(normalization=normalization,
-              eval_size=family.eval_size(description),
+              eval_size=recorded_size or family.eval_size(description),
               num_classes=model.num_classes,
               name=_name(family, description), source=source)
   return model, info
