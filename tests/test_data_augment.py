@@ -77,8 +77,11 @@ IDENTITY_AT = [('Rotate', 0.0), ('ShearX', 0.0), ('ShearY', 0.0),
 
 @pytest.mark.parametrize('name,magnitude', IDENTITY_AT)
 def test_identity_where_the_magnitude_says_so(photo, name, magnitude):
+  # Solarize at 10 (threshold 256) is the identity as intended; the official
+  # code wraps the threshold to 0 and inverts (test_official_fidelity.py).
   out = augment_ops.apply_op(name, tf.constant(photo), magnitude, SEED,
-                             translate_const=100.0, cutout_const=40.0)
+                             translate_const=100.0, cutout_const=40.0,
+                             semantics='intended')
   np.testing.assert_array_equal(out.numpy(), photo)
 
 
@@ -120,8 +123,9 @@ def test_invert_posterize_solarize_match_pil_exactly(photo):
     np.testing.assert_array_equal(_tf(augment_ops.posterize, photo, bits),
                                   np.asarray(ImageOps.posterize(pil, bits)))
   for threshold in (0, 1, 77, 128, 200, 255, 256):
-    np.testing.assert_array_equal(_tf(augment_ops.solarize, photo, threshold),
-                                  np.asarray(ImageOps.solarize(pil, threshold)))
+    np.testing.assert_array_equal(
+        _tf(augment_ops.solarize, photo, threshold, 'intended'),
+        np.asarray(ImageOps.solarize(pil, threshold)))
 
 
 def test_posterize_zero_bits_keeps_one_as_tf_did(photo):
@@ -316,18 +320,26 @@ def test_mixup_pairs_with_reversed_batch():
     np.testing.assert_allclose(out_images[i], expected, atol=1e-5)
 
 
-def test_cutmix_label_weight_is_pasted_pixel_fraction():
+@pytest.mark.parametrize('semantics', ['official', 'intended'])
+def test_cutmix_label_weight_is_pasted_pixel_fraction(semantics):
+  """'intended': each example's own pasted fraction; 'official': the
+  fraction over the whole batch, for every example."""
   images, labels = _onehot_batch(batch=6, size=16)
   out_images, out_labels = mix.cutmix(tf.constant(images),
-                                      tf.constant(labels), SEED, 1.0)
+                                      tf.constant(labels), SEED, 1.0,
+                                      semantics)
   out_images, out_labels = out_images.numpy(), out_labels.numpy()
   partner = images[::-1]
+  fractions = []
   for i in range(len(images)):
     pasted = np.all(np.isclose(out_images[i], partner[i]), -1) & ~np.all(
         np.isclose(images[i], partner[i]), -1)
     kept = np.all(np.isclose(out_images[i], images[i]), -1)
     assert np.all(pasted | kept)
-    fraction = pasted.mean()
+    fractions.append(pasted.mean())
+  assert len(set(fractions)) > 1  # the boxes differ, so the readings do
+  for i, own in enumerate(fractions):
+    fraction = own if semantics == 'intended' else np.mean(fractions)
     expected = (1 - fraction) * labels[i] + fraction * labels[::-1][i]
     np.testing.assert_allclose(out_labels[i], expected, atol=1e-6)
   assert not np.allclose(out_labels, labels)

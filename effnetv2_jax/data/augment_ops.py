@@ -15,23 +15,34 @@ Magnitude mapping (`apply_op`), on the official scale with
 | ShearX/Y | +-0.3 m/10 |
 | TranslateX/Y | +-translate_const m/10 pixels (100 for RandAugment, 250 AA) |
 | Cutout | half side int(cutout_const m/10) (40 RandAugment, 100 AA) |
-| Posterize | int(4 m/10) bits |
-| Solarize | threshold int(256 m/10) |
+| Posterize | int(4 m/10) bits (see the semantics below) |
+| Solarize | threshold int(256 m/10) (see the semantics below) |
 | SolarizeAdd | addition int(110 m/10), threshold 128 |
 | Color/Contrast/Brightness/Sharpness | enhance factor 1.8 m/10 + 0.1 |
 
 Geometric ops fill uncovered pixels with 128 and sample nearest neighbours.
 
-Deliberate details, each matching the official code unless noted:
+Two semantics (`SEMANTICS`, config.data.augment_semantics):
+  * 'official' (the default): what the released code computes, wraparounds
+    included. It passes Solarize's threshold int(256 m/10) and Posterize's
+    shift 8 - int(4 m/10) to TF as uint8, which wrap modulo 256, and TF
+    clamps bit shifts to [0, 7]. So Solarize at m = 10, 20, 30 inverts the
+    whole image (threshold 0), at m = 11.67 inverts values >= 42, at 15 and
+    25 >= 128, at 18.33 >= 213; Posterize at m >= 22.5 (9+ bits, shift -1
+    -> 255 -> 7) keeps one bit (x & 0x80).
+  * 'intended': the plain reading of the ops: Solarize with a threshold >=
+    256 changes nothing, Posterize with 8+ bits changes nothing.
+Both give the same result at every other magnitude, and both keep 1 bit for
+Posterize at 0 bits (m < 2.5: shift 8, clamped to 7 by TF).
+
+Deliberate details, each matching the official code:
   * Contrast blends towards a constant grey whose value is the *pixel count*
     / 256 (clipped to 255), not the mean intensity: the official histogram
     "mean" sums the histogram. `contrast(..., official=False)` gives PIL's
     mean-intensity contrast instead.
-  * Posterize shifts by 8 - bits through `tf.bitwise`, which clamps shifts to
-    [0, 7]: 0 bits (magnitude < 2.5) keeps 1 bit, as the official op did on TF.
-  * Solarize leaves the image unchanged for thresholds >= 256 (magnitude
-    >= 10), the plain reading of "invert values >= threshold"; the official
-    TF code converted the threshold to uint8, which cannot hold 256.
+  * Every op equals the official one at every magnitude a preset uses, on
+    both signs: tests/test_official_fidelity.py against outputs recorded from
+    google/automl (tests/fixtures/official).
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ from __future__ import annotations
 import math
 
 import tensorflow as tf
+
+from effnetv2_jax.data import semantics as semantics_lib
+from effnetv2_jax.data.semantics import INTENDED, OFFICIAL, SEMANTICS  # pylint: disable=unused-import
 
 MAX_LEVEL = 10.0
 FILL_VALUE = 128
@@ -117,15 +131,35 @@ def invert(image):
   return 255 - tf.convert_to_tensor(image)
 
 
-def posterize(image, bits: int):
+check_semantics = semantics_lib.check
+
+
+def posterize_shift(bits: int, semantics: str = OFFICIAL) -> int:
+  """The right-then-left shift of Posterize at `bits` (module docstring)."""
+  check_semantics(semantics)
+  shift = 8 - int(bits)
+  if semantics == OFFICIAL:
+    # uint8 wraps a negative shift to 256 + shift; TF clamps shifts to 7.
+    return min(shift % 256, 7)
+  return min(max(shift, 0), 7)
+
+
+def posterize(image, bits: int, semantics: str = OFFICIAL):
   """Keeps the `bits` high bits of each value."""
-  shift = tf.constant(min(max(8 - int(bits), 0), 7), tf.uint8)
+  shift = tf.constant(posterize_shift(bits, semantics), tf.uint8)
   return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
 
 
-def solarize(image, threshold: int):
+def solarize_threshold(threshold: int, semantics: str = OFFICIAL) -> int:
+  """The threshold Solarize compares with: modulo 256 under 'official' (the
+  released code converts it to uint8), as given under 'intended'."""
+  check_semantics(semantics)
+  return int(threshold) % 256 if semantics == OFFICIAL else int(threshold)
+
+
+def solarize(image, threshold: int, semantics: str = OFFICIAL):
   """Inverts values >= threshold."""
-  threshold = int(threshold)
+  threshold = solarize_threshold(threshold, semantics)
   if threshold >= 256:
     return tf.convert_to_tensor(image)
   if threshold <= 0:
@@ -230,20 +264,31 @@ def translate_y(image, pixels):
   return transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels, 0.0, 0.0])
 
 
+def random_centre(image, seed):
+  """A uniformly drawn (row, column) of `image`, from a stateless seed."""
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  return tf.random.stateless_uniform(
+      [2], seed, minval=0, maxval=tf.int32.max, dtype=tf.int32) % tf.stack(
+          [height, width])
+
+
 def cutout(image, pad_size: int, seed, replace=FILL_VALUE):
   """Fills a square of side up to 2 pad_size, centred uniformly at random.
 
   The square is clipped at the image border. `replace` is a scalar or a
   tensor broadcastable to the image (noise for the fine-tuning cutout).
   """
+  return cutout_at(image, random_centre(image, seed), pad_size, replace)
+
+
+def cutout_at(image, centre, pad_size: int, replace=FILL_VALUE):
+  """`cutout` with its square centred at `centre` (row, column)."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
-  center = tf.random.stateless_uniform(
-      [2], seed, minval=0, maxval=tf.int32.max, dtype=tf.int32) % tf.stack(
-          [height, width])
+  centre = tf.convert_to_tensor(centre, tf.int32)
   rows = tf.range(height)[:, None, None]
   cols = tf.range(width)[None, :, None]
-  inside = ((rows >= center[0] - pad_size) & (rows < center[0] + pad_size)
-            & (cols >= center[1] - pad_size) & (cols < center[1] + pad_size))
+  inside = ((rows >= centre[0] - pad_size) & (rows < centre[0] + pad_size)
+            & (cols >= centre[1] - pad_size) & (cols < centre[1] + pad_size))
   if image.dtype == tf.uint8:
     fill = tf.cast(tf.ones_like(image, tf.float32)
                    * tf.cast(replace, tf.float32), tf.uint8)
@@ -254,14 +299,14 @@ def cutout(image, pad_size: int, seed, replace=FILL_VALUE):
   return image * (1 - mask) + tf.cast(replace, image.dtype) * mask
 
 
-def _signed(value: float, seed):
-  """value or -value with equal probability."""
-  negate = tf.random.stateless_uniform([], seed) < 0.5
-  return tf.where(negate, -value, value)
+def random_sign(seed):
+  """-1.0 or 1.0 with equal probability."""
+  return tf.where(tf.random.stateless_uniform([], seed) < 0.5, -1.0, 1.0)
 
 
 def apply_op(name: str, image, level: float, seed, *, translate_const: float,
-             cutout_const: float):
+             cutout_const: float, semantics: str = OFFICIAL, sign=None,
+             centre=None):
   """Applies op `name` at `level` (official scale) with its random parts
   drawn from `seed`.
 
@@ -272,31 +317,38 @@ def apply_op(name: str, image, level: float, seed, *, translate_const: float,
     seed: stateless seed, int [2]; feeds the sign and the cutout centre.
     translate_const: pixels at level 10.
     cutout_const: cutout half side at level 10.
+    semantics: 'official' or 'intended' (module docstring).
+    sign: +1 / -1 fixes the sign of Rotate, ShearX/Y and TranslateX/Y
+      instead of drawing it from `seed`.
+    centre: (row, column) fixes the Cutout centre likewise.
 
   Returns:
     uint8 [h, w, 3].
   """
+  check_semantics(semantics)
   m = float(level) / MAX_LEVEL
   enhance = 1.8 * m + 0.1
+  signed = lambda value: value * (random_sign(seed) if sign is None
+                                  else float(sign))
   ops = {
       'AutoContrast': lambda: autocontrast(image),
       'Equalize': lambda: equalize(image),
       'Invert': lambda: invert(image),
-      'Rotate': lambda: rotate(image, _signed(30.0 * m, seed)),
-      'Posterize': lambda: posterize(image, int(4 * m)),
-      'Solarize': lambda: solarize(image, int(256 * m)),
+      'Rotate': lambda: rotate(image, signed(30.0 * m)),
+      'Posterize': lambda: posterize(image, int(4 * m), semantics),
+      'Solarize': lambda: solarize(image, int(256 * m), semantics),
       'SolarizeAdd': lambda: solarize_add(image, int(110 * m)),
       'Color': lambda: color(image, enhance),
       'Contrast': lambda: contrast(image, enhance),
       'Brightness': lambda: brightness(image, enhance),
       'Sharpness': lambda: sharpness(image, enhance),
-      'ShearX': lambda: shear_x(image, _signed(0.3 * m, seed)),
-      'ShearY': lambda: shear_y(image, _signed(0.3 * m, seed)),
-      'TranslateX': lambda: translate_x(image,
-                                        _signed(translate_const * m, seed)),
-      'TranslateY': lambda: translate_y(image,
-                                        _signed(translate_const * m, seed)),
-      'Cutout': lambda: cutout(image, int(cutout_const * m), seed),
+      'ShearX': lambda: shear_x(image, signed(0.3 * m)),
+      'ShearY': lambda: shear_y(image, signed(0.3 * m)),
+      'TranslateX': lambda: translate_x(image, signed(translate_const * m)),
+      'TranslateY': lambda: translate_y(image, signed(translate_const * m)),
+      'Cutout': lambda: cutout_at(
+          image, random_centre(image, seed) if centre is None else centre,
+          int(cutout_const * m)),
   }
   if name not in ops:
     raise ValueError(f'unknown augmentation op {name!r}; one of {sorted(ops)}')

@@ -46,26 +46,33 @@ POLICY_V0 = (
 )
 
 
-def _apply_sub_policy(image, sub_policy, seed):
+def _apply_sub_policy(image, sub_policy, seed, semantics):
   seeds = tf.random.experimental.stateless_split(seed, 2 * len(sub_policy))
   for i, (name, probability, level) in enumerate(sub_policy):
     coin = tf.random.stateless_uniform([], seeds[2 * i])
     op = functools.partial(augment_ops.apply_op, name, image, level,
                            seeds[2 * i + 1], translate_const=TRANSLATE_CONST,
-                           cutout_const=CUTOUT_CONST)
+                           cutout_const=CUTOUT_CONST, semantics=semantics)
     # The official test is floor(u + p) == 1, i.e. u >= 1 - p.
     image = tf.cond(coin >= 1.0 - probability, op, lambda img=image: img)
     image.set_shape([None, None, 3])
   return image
 
 
-def autoaugment_v0(image, seed):
-  """Applies one random sub-policy of POLICY_V0 to a uint8 [h, w, 3] image."""
+def autoaugment_v0(image, seed, semantics: str = augment_ops.OFFICIAL):
+  """Applies one random sub-policy of POLICY_V0 to a uint8 [h, w, 3] image.
+
+  `semantics` ('official' or 'intended', see `augment_ops`) matters for one
+  op of v0, ('Solarize', 0.6, 10): its threshold 256 wraps to 0 in the
+  official code, which inverts the whole image; 'intended' leaves it as is.
+  """
+  augment_ops.check_semantics(semantics)
   choice_seed, policy_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2))
   index = tf.random.stateless_uniform(
       [], choice_seed, minval=0, maxval=len(POLICY_V0), dtype=tf.int32)
-  branches = [functools.partial(_apply_sub_policy, image, sub, policy_seed)
+  branches = [functools.partial(_apply_sub_policy, image, sub, policy_seed,
+                                semantics)
               for sub in POLICY_V0]
   image = tf.switch_case(index, branches)
   image.set_shape([None, None, 3])

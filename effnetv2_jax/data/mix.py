@@ -8,10 +8,11 @@ CutMix, each half mixed with its own reverse.
     1 - lambda); image and label both lambda x + (1 - lambda) x[::-1].
   * CutMix: per example a box centred uniformly at random with side
     int(sqrt(1 - Beta(alpha, alpha)) * side), clipped at the border, is
-    pasted from the partner; the label weight of the partner is the fraction
-    of pixels actually pasted, per example. (The official code used the
-    batch-mean fraction for every example; per example is what the pixels
-    show.)
+    pasted from the partner. The label weight of the partner depends on
+    the semantics (config.data.augment_semantics): 'official' gives every
+    example the fraction of pixels pasted over the whole batch (the batch
+    mean, as the released code computes), 'intended' each example its own
+    pasted fraction (what its pixels show).
 
 Randomness is stateless: a batch's mixing follows from its seed alone.
 """
@@ -19,6 +20,9 @@ Randomness is stateless: a batch's mixing follows from its seed alone.
 from __future__ import annotations
 
 import tensorflow as tf
+
+from effnetv2_jax.data import semantics as semantics_lib
+from effnetv2_jax.data.semantics import OFFICIAL
 
 
 def sample_beta(shape, seed, alpha: float):
@@ -66,18 +70,30 @@ def cutmix_boxes(shape, seed, alpha: float):
   return tf.cast(inside, tf.float32)[..., None]
 
 
-def cutmix(images, labels, seed, alpha: float):
-  """CutMix of a batch with its reverse; returns (images, labels)."""
-  mask = cutmix_boxes(tf.shape(images), seed, alpha)
-  images = (1.0 - mask) * images + mask * images[::-1]
-  pasted = tf.reduce_mean(mask, axis=[1, 2, 3])[:, None]
+def paste(images, labels, masks, semantics: str = OFFICIAL):
+  """Pastes each example's partner (the reversed batch) where its mask
+  [b, h, w, 1] is 1; labels weighted by the pasted fraction (batch mean
+  under 'official', per example under 'intended')."""
+  semantics_lib.check(semantics)
+  images = (1.0 - masks) * images + masks * images[::-1]
+  if semantics == OFFICIAL:
+    pasted = tf.reduce_mean(masks)
+  else:
+    pasted = tf.reduce_mean(masks, axis=[1, 2, 3])[:, None]
   labels = (1.0 - pasted) * labels + pasted * labels[::-1]
   return images, labels
 
 
+def cutmix(images, labels, seed, alpha: float, semantics: str = OFFICIAL):
+  """CutMix of a batch with its reverse; returns (images, labels)."""
+  masks = cutmix_boxes(tf.shape(images), seed, alpha)
+  return paste(images, labels, masks, semantics)
+
+
 def mix_batch(images, labels, seed, *, mixup_alpha: float,
-              cutmix_alpha: float):
-  """Applies mixup and/or CutMix (alpha 0 = off) to a batch."""
+              cutmix_alpha: float, semantics: str = OFFICIAL):
+  """Applies mixup and/or CutMix (alpha 0 = off) to a batch; `semantics`
+  sets CutMix's label weights (`paste`)."""
   if not mixup_alpha and not cutmix_alpha:
     return images, labels
   mixup_seed, cutmix_seed = tf.unstack(
@@ -85,9 +101,10 @@ def mix_batch(images, labels, seed, *, mixup_alpha: float,
   if mixup_alpha and cutmix_alpha:
     half = images.shape[0] // 2
     first = mixup(images[:half], labels[:half], mixup_seed, mixup_alpha)
-    second = cutmix(images[half:], labels[half:], cutmix_seed, cutmix_alpha)
+    second = cutmix(images[half:], labels[half:], cutmix_seed, cutmix_alpha,
+                    semantics)
     return (tf.concat([first[0], second[0]], 0),
             tf.concat([first[1], second[1]], 0))
   if mixup_alpha:
     return mixup(images, labels, mixup_seed, mixup_alpha)
-  return cutmix(images, labels, cutmix_seed, cutmix_alpha)
+  return cutmix(images, labels, cutmix_seed, cutmix_alpha, semantics)

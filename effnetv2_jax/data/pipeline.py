@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from effnetv2_jax.data import semantics
 from effnetv2_jax.data import sources
 
 DEFAULT_SHUFFLE_BUFFER = 16384
@@ -312,7 +313,8 @@ def make_train_iterator(
     normalization: str = 'inception', sharding=None, start_batch: int = 0,
     process_index: int | None = None, process_count: int | None = None,
     shuffle_buffer: int | None = None, split: str | None = None,
-    num_threads: int | None = None, holdout: float = 0) -> TrainIterator:
+    num_threads: int | None = None, holdout: float = 0,
+    augment_semantics: str = 'official') -> TrainIterator:
   """An endless, resumable iterator of augmented training batches.
 
   Args:
@@ -345,6 +347,10 @@ def make_train_iterator(
     holdout: examples of the train split kept out of training (a fraction
       or a count, see `sources.holdout_size`; 0: none); evaluate on them
       with make_eval_iterator(split=sources.HOLDOUT_SPLIT, holdout=...).
+    augment_semantics: 'official' (what google/automl computes: Solarize and
+      Posterize wrap around above magnitude 10, CutMix labels weighted by
+      the batch-mean pasted fraction) or 'intended' (no wraparound, each
+      example's own fraction); see `augment_ops` and `mix`.
 
   Returns:
     TrainIterator.
@@ -361,6 +367,7 @@ def make_train_iterator(
   _check_choice(normalization, preprocess.NORMALIZATIONS, 'normalization')
   if augment is not None:
     _check_choice(augment, preprocess.AUGMENTS, 'augment')
+  semantics.check(augment_semantics)
   if image_size < 1 or start_batch < 0:
     raise ValueError(f'need image_size >= 1 and start_batch >= 0, got '
                      f'{image_size}, {start_batch}')
@@ -416,7 +423,7 @@ def make_train_iterator(
         example['record'], record_kind=source.record_kind,
         image_size=image_size, augment=augment, normalization=normalization,
         randaug_layers=randaug_layers, randaug_magnitude=randaug_magnitude,
-        seed=example_seed)
+        seed=example_seed, augment_semantics=augment_semantics)
     label = preprocess.label_vector(example['label'], num_classes, multi_label)
     return {'image': image, 'label': label, 'position': example['position']}
 
@@ -425,7 +432,7 @@ def make_train_iterator(
                            batch['position'][0] // local_batch])
     images, labels = mix_lib.mix_batch(
         batch['image'], batch['label'], batch_seed, mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha)
+        cutmix_alpha=cutmix_alpha, semantics=augment_semantics)
     return {'image': images, 'label': labels}
 
   # The functions hold no Python control flow on tensors: skip autograph.

@@ -202,8 +202,13 @@ def ft_noise_cutout(image, size: int, seed):
 
 def train_image(record, *, record_kind: str, image_size: int, augment: str,
                 normalization: str, randaug_layers: int,
-                randaug_magnitude: float, seed):
-  """One training example's image, [size, size, 3] float32 normalised."""
+                randaug_magnitude: float, seed,
+                augment_semantics: str = augment_ops.OFFICIAL):
+  """One training example's image, [size, size, 3] float32 normalised.
+
+  `augment_semantics` ('official' / 'intended') is passed to RandAugment and
+  AutoAugment (see `augment_ops`).
+  """
   crop_seed, flip_seed, policy_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
   if record_kind == sources.PIXELS:
@@ -232,9 +237,11 @@ def train_image(record, *, record_kind: str, image_size: int, augment: str,
     pixels = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
     if augment == 'randaugment':
       pixels = randaugment_lib.randaugment(pixels, policy_seed, randaug_layers,
-                                           randaug_magnitude)
+                                           randaug_magnitude,
+                                           augment_semantics)
     else:
-      pixels = autoaugment_lib.autoaugment_v0(pixels, policy_seed)
+      pixels = autoaugment_lib.autoaugment_v0(pixels, policy_seed,
+                                              augment_semantics)
     image = tf.cast(pixels, tf.float32)
   elif augment == 'ft':
     image = ft_noise_cutout(image, image_size, policy_seed)

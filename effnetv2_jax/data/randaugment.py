@@ -9,7 +9,8 @@ Written here rather than taken from a library because none available is
 faithful to these semantics in graph mode: Keras' RandAugment layer has a
 different op set and a [0, 1] magnitude, timm's works on PIL images with its
 own magnitude rules, and tf-models-official (a port of the same code) is a
-large dependency for 16 small functions. Each op is tested against PIL.
+large dependency for 16 small functions. Each op is tested against PIL and
+against outputs recorded from the official code.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def layer_choices(seed, num_layers: int):
   return choices
 
 
-def randaugment(image, seed, num_layers: int = 2, magnitude: float = 10.0):
+def randaugment(image, seed, num_layers: int = 2, magnitude: float = 10.0,
+                semantics: str = augment_ops.OFFICIAL):
   """Applies `num_layers` random ops at `magnitude` to a uint8 image.
 
   Args:
@@ -46,17 +48,20 @@ def randaugment(image, seed, num_layers: int = 2, magnitude: float = 10.0):
     seed: stateless seed, int [2]; the whole augmentation follows from it.
     num_layers: ops applied in sequence.
     magnitude: official-scale magnitude (static python number, >= 0).
+    semantics: 'official' (the released code's Solarize / Posterize
+      wraparounds above magnitude 10) or 'intended' (see `augment_ops`).
 
   Returns:
     uint8 [h, w, 3].
   """
   if magnitude < 0:
     raise ValueError(f'RandAugment magnitude must be >= 0, got {magnitude}')
+  augment_ops.check_semantics(semantics)
   for op_index, op_seed in layer_choices(seed, num_layers):
     branches = [
         functools.partial(augment_ops.apply_op, name, image, magnitude,
                           op_seed, translate_const=TRANSLATE_CONST,
-                          cutout_const=CUTOUT_CONST)
+                          cutout_const=CUTOUT_CONST, semantics=semantics)
         for name in augment_ops.RANDAUGMENT_OPS]
     image = tf.switch_case(op_index, branches)
     image.set_shape([None, None, 3])
