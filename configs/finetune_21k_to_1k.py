@@ -34,6 +34,8 @@ def get_config(arg=None):
   c.data.dataset = 'imagenet2012'
   c.model.num_classes = 1000
   c.train.epochs = 15.0
+  # Epochs as the official code counts them (its declared train size).
+  c.train.epoch_examples = recipes.IMAGENET_OFFICIAL_TRAIN_IMAGES
   c.eval.every_steps = 5000
   c.checkpoint.every_steps = 1000
   return c

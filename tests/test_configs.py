@@ -35,8 +35,8 @@ CASES = {
                    for m in ('stacked', 'label_heads', 'plain')],
     'tiny.py': [None, 'cifar10'],
 }
-# Train-set sizes used to turn epochs into a plan (the data package's
-# splits; no dataset is read here).
+# Train-set sizes used to turn epochs into a plan when a config does not set
+# train.epoch_examples (the data package's splits; no dataset is read here).
 TRAIN_SIZES = {'imagenet2012': 1_255_544, 'imagenet21k': 12_720_275,
                'cifar10': 50_000, 'cifar100': 50_000,
                'oxford_flowers102': 2_040, 'cars196': 8_144, 'digits': 1_437}
@@ -121,7 +121,8 @@ def _plan(config):
   prog['max_image_size'] = prog['max_image_size'] or architecture.train_size
   return progressive.plan_from_config(
       prog, epochs=config.train.epochs,
-      num_train_examples=TRAIN_SIZES[config.data.dataset],
+      num_train_examples=(config.train.epoch_examples
+                          or TRAIN_SIZES[config.data.dataset]),
       batch_size=config.train.batch_size, batch_multiple=8,
       total_steps=config.train.total_steps or None), architecture
 
@@ -190,6 +191,51 @@ def test_finetune_and_transfer_recipes():
   assert ft.model.num_classes == 1000 and ft.init_from.prefer_ema
   with pytest.raises(config_checks.ConfigError, match='init_from.path'):
     config_checks.validate(ft, num_devices=8)
+
+
+# Configs that reproduce the paper or the official code, by file.
+REPRODUCING = ('imagenet.py', 'imagenet21k.py', 'finetune_21k_to_1k.py',
+               'transfer.py')
+
+
+def test_reproducing_presets_use_the_official_arithmetic():
+  """data.augment_semantics='official' (the released code's Solarize /
+  Posterize wraparounds and CutMix label weights) in every preset that
+  claims to reproduce the paper or the official code."""
+  for name in REPRODUCING:
+    for arg in CASES[name]:
+      assert _load(name).get_config(arg).data.augment_semantics == (
+          'official'), (name, arg)
+  # 350 official epochs of ImageNet-1k: the official step count.
+  (*_, last), _ = _plan(_load('imagenet.py').get_config('s,official'))
+  assert last.end_step == int(350 * 1_256_144 // 4096)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('data.augment_semantics', 'offical',
+     "data.augment_semantics='offical': must be one of"),
+    ('train.loss', 'sigmoid_mean', "train.loss='sigmoid_mean': must be one"),
+    ('schedule.min_lr_per_256', -1.0, 'schedule.min_lr_per_256=-1.0'),
+    ('optimizer.epsilon', -1e-8, 'optimizer.epsilon=-1e-08'),
+    ('train.epoch_examples', -5, 'train.epoch_examples=-5')])
+def test_recipe_keys_fail_in_one_line(key, value, message):
+  config = _load('digits.py').get_config(None)
+  section, leaf = key.split('.')
+  config[section][leaf] = value
+  with pytest.raises(config_checks.ConfigError, match=message) as error:
+    config_checks.validate(config, num_devices=8,
+                           reference=recipes.base_config())
+  assert '\n' not in str(error.value)
+
+
+def test_renamed_min_lr_points_to_the_per_256_key():
+  config = _load('digits.py').get_config(None)
+  config.schedule.unlock()
+  config.schedule.min_lr = 1e-5
+  with pytest.raises(config_checks.ConfigError,
+                     match='did you mean schedule.min_lr_per_256'):
+    config_checks.validate(config, num_devices=8,
+                           reference=recipes.base_config())
 
 
 def test_bad_config_arguments_are_rejected():

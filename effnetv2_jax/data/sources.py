@@ -27,7 +27,9 @@ Logical splits per name (the default train / eval split first):
 
 The official TFRecord pipeline held out its first 20 train shards (25,021
 images); on TFDS the official code trained on `train[:98%]`, which is what
-we do, with the complementary 2% as minival.
+we do, with the complementary 2% as minival. The official code counts an
+epoch of that split as 1,256,144 images (its declared size), which the
+ImageNet-1k configs set as config.train.epoch_examples.
 
 A holdout (`holdout=` here and in the pipeline, `config.data.holdout`) is a
 validation set carved from the train split of a dataset that has none, so

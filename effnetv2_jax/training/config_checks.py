@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any, Iterable, Mapping
 
+from effnetv2_jax.data import semantics
 from effnetv2_jax.data import sources
 from effnetv2_jax.kernels import CONV_IMPLS
 from effnetv2_jax.models import families
@@ -20,7 +21,7 @@ from effnetv2_jax.training import progressive, schedules
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 OPTIMIZERS = ('rmsprop_tf1', 'momentum', 'adamw')
-LOSSES = ('softmax', 'sigmoid')
+LOSSES = ('softmax', 'sigmoid', 'sigmoid_sum')
 
 
 class ConfigError(ValueError):
@@ -195,13 +196,16 @@ def validate(config, *, num_devices: int, data_axis_size: int | None = None,
   _require(0 <= t.label_smoothing < 1, 'train.label_smoothing',
            t.label_smoothing, 'must be in [0, 1)')
   _require(t.loss in LOSSES, 'train.loss', t.loss, f'must be one of {LOSSES}')
+  _require(t.epoch_examples >= 0, 'train.epoch_examples', t.epoch_examples,
+           "must be >= 0 (0: the train split's size)")
 
   o = config.optimizer
   _require(o.name in OPTIMIZERS, 'optimizer.name', o.name,
            f'must be one of {OPTIMIZERS}')
   _require(o.weight_decay >= 0, 'optimizer.weight_decay', o.weight_decay,
            'must be >= 0')
-  _require(o.epsilon > 0, 'optimizer.epsilon', o.epsilon, 'must be > 0')
+  _require(o.epsilon >= 0, 'optimizer.epsilon', o.epsilon,
+           "must be >= 0 (0: the update rule's own)")
 
   s = config.schedule
   _require(s.lr_per_256 > 0, 'schedule.lr_per_256', s.lr_per_256,
@@ -212,6 +216,8 @@ def validate(config, *, num_devices: int, data_axis_size: int | None = None,
            'must be >= 0')
   _require(s.decay_epochs > 0, 'schedule.decay_epochs', s.decay_epochs,
            'must be > 0')
+  _require(s.min_lr_per_256 >= 0, 'schedule.min_lr_per_256',
+           s.min_lr_per_256, 'must be >= 0')
 
   _require(0 <= config.ema.decay < 1, 'ema.decay', config.ema.decay,
            'must be in [0, 1) (0 disables the EMA)')
@@ -237,6 +243,10 @@ def validate(config, *, num_devices: int, data_axis_size: int | None = None,
   _check_controller(config)
 
   _check_distill(config.distill)
+
+  _require(config.data.augment_semantics in semantics.SEMANTICS,
+           'data.augment_semantics', config.data.augment_semantics,
+           f'must be one of {semantics.SEMANTICS}')
 
   holdout_problem = sources.holdout_problem(config.data.holdout)
   _require(holdout_problem is None, 'data.holdout', config.data.holdout,

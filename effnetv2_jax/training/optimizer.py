@@ -74,6 +74,39 @@ def tf1_rmsprop(learning_rate: float | Schedule, *, decay: float = 0.9,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def scale_by_tf1_adam(*, b1: float = 0.9, b2: float = 0.999,
+                      epsilon: float = 1e-8) -> optax.GradientTransformation:
+  """The direction of `tf.compat.v1.train.AdamOptimizer` (before -lr).
+
+  TF1 adds epsilon to sqrt(v) *before* the bias correction, which it folds
+  into the step size: lr_t = lr sqrt(1 - b2^t) / (1 - b1^t), update
+  lr_t m / (sqrt(v) + eps). optax's adam adds eps to the corrected
+  sqrt(v_hat), i.e. TF1's eps / sqrt(1 - b2^t) (31x larger at t = 1): a
+  different step for gradients near 1e-6. The state is optax's
+  `ScaleByAdamState`, so checkpoints of either restore into the other.
+  """
+
+  def init_fn(params):
+    return optax.ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(jnp.zeros_like, params),
+        nu=jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g),
+                      state.nu, updates)
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    correction = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+    direction = jax.tree.map(
+        lambda m, v: correction * m / (jnp.sqrt(v) + epsilon), mu, nu)
+    return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def l2_mask(params) -> Any:
   """True for convolution and dense kernels, False for BN scale/bias and biases.
 
@@ -98,9 +131,15 @@ def l2_loss(params, weight_decay: float) -> jax.Array:
   return 0.5 * weight_decay * total
 
 
+# Each update rule's epsilon when the config leaves it at 0: TF1's
+# RMSPropOptimizer as the official recipe sets it, and TF1's AdamOptimizer
+# default (the official 'adam' optimizer passes none).
+DEFAULT_EPSILON = {'rmsprop_tf1': 1e-3, 'momentum': 0.0, 'adamw': 1e-8}
+
+
 def build(learning_rate: float | Schedule, *, name: str = 'rmsprop_tf1',
           weight_decay: float = 1e-5, decay: float = 0.9,
-          momentum: float = 0.9, epsilon: float = 1e-3,
+          momentum: float = 0.9, epsilon: float = 0.0,
           **unused: Any) -> optax.GradientTransformation:
   """The optimizer of a config: L2 on kernels, then the named update rule.
 
@@ -112,26 +151,32 @@ def build(learning_rate: float | Schedule, *, name: str = 'rmsprop_tf1',
   Args:
     learning_rate: constant or schedule of the update count.
     name: 'rmsprop_tf1' (official), 'momentum' (SGD + heavy ball, TF1 style
-      lr inside the buffer is not needed there) or 'adamw' (L2 above still
-      applies; adamw's own decoupled decay is off).
+      lr inside the buffer is not needed there) or 'adamw' (TF1's
+      AdamOptimizer, the official 'adam', `scale_by_tf1_adam`; the L2 above
+      still applies, no decoupled decay).
     weight_decay: L2 coefficient; 0 disables it.
     decay, momentum, epsilon: update-rule hyperparameters (RMSProp; momentum
-      is also used by 'momentum', and by 'adamw' as b1).
+      is also used by 'momentum', and by 'adamw' as b1). epsilon 0 takes
+      the rule's own (`DEFAULT_EPSILON`: RMSProp 1e-3, Adam 1e-8).
     **unused: other config keys (ignored, so a config block can be splatted).
   """
   del unused
+  if name not in DEFAULT_EPSILON:
+    raise ValueError(
+        f"optimizer.name must be 'rmsprop_tf1', 'momentum' or 'adamw', "
+        f'got {name!r}')
+  epsilon = epsilon or DEFAULT_EPSILON[name]
   if name == 'rmsprop_tf1':
     rule = tf1_rmsprop(learning_rate, decay=decay, momentum=momentum,
                        epsilon=epsilon)
   elif name == 'momentum':
     rule = optax.sgd(learning_rate, momentum=momentum)
-  elif name == 'adamw':
-    rule = optax.adamw(learning_rate, b1=momentum, eps=epsilon,
-                       weight_decay=0.0)
   else:
-    raise ValueError(
-        f"optimizer.name must be 'rmsprop_tf1', 'momentum' or 'adamw', "
-        f'got {name!r}')
+    # optax.adamw's layout (adam, decoupled decay off, rate) with TF1's
+    # epsilon placement.
+    rule = optax.chain(scale_by_tf1_adam(b1=momentum, epsilon=epsilon),
+                       optax.add_decayed_weights(0.0),
+                       optax.scale_by_learning_rate(learning_rate))
   # With weight_decay=0 this adds nothing but keeps the state layout, so a
   # checkpoint restores whether or not L2 is on.
   return optax.chain(optax.add_decayed_weights(weight_decay, l2_mask), rule)

@@ -35,6 +35,11 @@ PAPER_MIN = dict(image_size=128, randaug=5.0, mixup=0.0, dropout=0.1)
 OFFICIAL_RANDAUG = {'s': 10.0, 'm': 15.0, 'l': 20.0, 'xl': 20.0}
 OFFICIAL_MIX = {'s': 0.0, 'm': 0.2, 'l': 0.5, 'xl': 0.5}
 
+# google/automl datasets.py: the images per epoch of ImageNet-1k's train
+# split (train minus minival) that its schedule and step counts use. tfds'
+# train[:98%], which the official code (and we) read, holds 1,255,544.
+IMAGENET_OFFICIAL_TRAIN_IMAGES = 1_256_144
+
 # Paper / README top-1 (%) on ImageNet-1k, for docstrings and summaries.
 EXPECTED_TOP1 = {
     's': 83.9, 'm': 85.1, 'l': 85.7, 'xl': None,
@@ -54,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   # command line (--config.model.arch=m).
   c.model.arch = config_dict.FieldReference('s', field_type=object)
   c.model.num_classes = 0  # 0: from the dataset
-  c.model.drop_path_rate = 0.2  # survival 0.8 at the last block
+  # Survival 1 - rate * i / N for block i of N (official): the first block
+  # 1.0, the last 1 - 0.2 (N - 1) / N (0.805 for S's 40 blocks).
+  c.model.drop_path_rate = 0.2
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-3
   # 0: BN moments over the global batch (plain BN under jit). N: moments
@@ -77,6 +84,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.holdout = 0.0
   c.data.augment = 'randaugment'
   c.data.randaug_layers = 2
+  # 'official': what google/automl computes, wraparounds included (Solarize
+  # inverts everything at magnitude 10, 20, 30; Posterize keeps 1 bit from
+  # 22.5 on; CutMix labels use the batch-mean pasted fraction). 'intended':
+  # those ops as their names read (no wraparound; each example's own CutMix
+  # fraction). data/augment_ops.py and data/mix.py.
+  c.data.augment_semantics = 'official'
+
   c.data.normalization = ''  # '': the architecture's ('inception'/'imagenet')
 
   c.train = ml_collections.ConfigDict()
@@ -84,15 +98,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.total_steps = 0  # >0: run length in steps (overrides epochs)
   c.train.batch_size = 4096
   c.train.label_smoothing = 0.1
-  c.train.loss = 'softmax'  # or 'sigmoid'
+  # 'softmax'; 'sigmoid' (official: mean over batch and classes);
+  # 'sigmoid_sum' (summed over classes, the official 'custom' loss).
+  c.train.loss = 'softmax'
   c.train.normalize_labels = False  # multi-hot labels sum to 1 (21k)
+  # Examples per epoch for the stage plan and the schedule; 0: the train
+  # split's size. The ImageNet-1k configs set IMAGENET_OFFICIAL_TRAIN_IMAGES.
+  c.train.epoch_examples = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'rmsprop_tf1'
   c.optimizer.weight_decay = 1e-5  # L2 on kernels only
   c.optimizer.decay = 0.9
   c.optimizer.momentum = 0.9
-  c.optimizer.epsilon = 1e-3
+  # 0: the update rule's own, as TF1: RMSProp 1e-3, Adam 1e-8.
+  c.optimizer.epsilon = 0.0
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.lr_per_256 = 0.016  # 0.256 at batch 4096
@@ -100,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.warmup_epochs = 5.0
   c.schedule.decay_epochs = 2.4
   c.schedule.decay_rate = 0.97
-  c.schedule.min_lr = 0.0
+  # Floor after decay, per 256 images like lr_per_256 (official lr_min).
+  c.schedule.min_lr_per_256 = 0.0
 
   c.ema = ml_collections.ConfigDict()
   c.ema.decay = 0.9999  # 0 disables the EMA copy

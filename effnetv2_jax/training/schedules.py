@@ -11,6 +11,10 @@ constant batch size this is the official schedule:
 
 with the exponential staircase counted from epoch 0, not from the end of the
 warmup, so right after a 5-epoch warmup the rate is already peak * 0.97**2.
+As in the official code the warmup lasts int(warmup_epochs * steps per
+epoch) whole steps (`warmup_epochs_in_steps`).
+After decay (not during the warmup) the rate is floored at `min_lr_per_256 *
+B / 256`, the official `lr_min` scaled by the batch size like the peak.
 
 Importable without tensorflow or ml_collections.
 """
@@ -32,7 +36,7 @@ def peak_learning_rate(lr_per_256: float, batch_size: int) -> float:
 def learning_rate_at(epoch, *, peak: float, kind: str = 'exponential',
                      warmup_epochs: float = 5.0, total_epochs: float = 350.0,
                      decay_epochs: float = 2.4, decay_rate: float = 0.97,
-                     min_lr: float = 0.0):
+                     min_lr: float = 0.0, warmup_until=None):
   """Learning rate at a fractional epoch (python float or traced array).
 
   Args:
@@ -44,7 +48,13 @@ def learning_rate_at(epoch, *, peak: float, kind: str = 'exponential',
     warmup_epochs: linear warmup length from 0; 0 disables it.
     total_epochs: length of the run (the cosine period).
     decay_epochs, decay_rate: the staircase.
-    min_lr: floor after decay (the official code has none).
+    min_lr: floor after decay (absolute; `learning_rate_fn` scales the
+      config's per-256 floor by the stage's batch size, as the official
+      code scales `lr_min`).
+    warmup_until: the epoch from which the decayed rate applies (default
+      warmup_epochs); `learning_rate_fn` puts it half a step before the
+      warmup's last step so float32 epochs cannot land on the wrong side.
+      warmup_epochs may then be traced.
   """
   epoch = jnp.asarray(epoch, jnp.float32)
   peak = jnp.asarray(peak, jnp.float32)
@@ -60,14 +70,25 @@ def learning_rate_at(epoch, *, peak: float, kind: str = 'exponential',
   else:
     raise ValueError(f'schedule.kind must be one of {KINDS}, got {kind!r}')
   decayed = jnp.maximum(decayed, min_lr)
-  if warmup_epochs > 0:
-    warm = peak * epoch / warmup_epochs
-    return jnp.where(epoch < warmup_epochs, warm, decayed)
-  return decayed
+  if warmup_until is None:
+    if not warmup_epochs > 0:
+      return decayed
+    warmup_until = warmup_epochs
+  warm = peak * epoch / warmup_epochs
+  return jnp.where(epoch < warmup_until, warm, decayed)
 
 
 STAGE_HPARAM_NAMES = ('peak_lr', 'start_step', 'start_epoch',
-                      'epochs_per_step')
+                      'epochs_per_step', 'warmup_epochs')
+
+
+def warmup_epochs_in_steps(warmup_epochs: float, *, batch_size: int,
+                           num_train_examples: int) -> float:
+  """The warmup length the official code uses, in epochs: it warms up for
+  int(warmup_epochs * steps_per_epoch) whole steps (1533 steps = 4.99876
+  epochs for ImageNet at batch 4096), not warmup_epochs exactly."""
+  steps_per_epoch = num_train_examples / batch_size
+  return int(warmup_epochs * steps_per_epoch) / steps_per_epoch
 
 
 def stage_hparams(schedule: Mapping[str, Any], *, batch_size: int,
@@ -85,6 +106,9 @@ def stage_hparams(schedule: Mapping[str, Any], *, batch_size: int,
       'start_step': float(start_step),
       'start_epoch': float(start_epoch),
       'epochs_per_step': batch_size / num_train_examples,
+      'warmup_epochs': warmup_epochs_in_steps(
+          schedule.get('warmup_epochs', 5.0), batch_size=batch_size,
+          num_train_examples=num_train_examples),
   }
 
 
@@ -93,20 +117,32 @@ def learning_rate_fn(schedule: Mapping[str, Any], *,
   """`lr(step, stage_hparams)` for the config's `schedule` block.
 
   The schedule's shape (kind, warmup, staircase) is static; the stage's peak
-  rate and step-to-epoch conversion come from `stage_hparams` (traced).
+  rate, step-to-epoch conversion and warmup length in whole steps come from
+  `stage_hparams` (traced). The
+  floor `min_lr_per_256` scales with the stage's batch like the peak, i.e.
+  it is the peak times min_lr_per_256 / lr_per_256.
   """
+  warms_up = schedule.get('warmup_epochs', 5.0) > 0
   kwargs = dict(
       kind=schedule.get('kind', 'exponential'),
-      warmup_epochs=schedule.get('warmup_epochs', 5.0),
       total_epochs=total_epochs,
       decay_epochs=schedule.get('decay_epochs', 2.4),
-      decay_rate=schedule.get('decay_rate', 0.97),
-      min_lr=schedule.get('min_lr', 0.0))
+      decay_rate=schedule.get('decay_rate', 0.97))
+  floor_per_256 = schedule.get('min_lr_per_256', 0.0)
+  floor_ratio = floor_per_256 / schedule['lr_per_256'] if floor_per_256 else 0.0
 
   def lr_fn(step, hparams):
     step = jnp.asarray(step, jnp.float32)
     epoch = (hparams['start_epoch'] +
              (step - hparams['start_step']) * hparams['epochs_per_step'])
-    return learning_rate_at(epoch, peak=hparams['peak_lr'], **kwargs)
+    if warms_up:
+      warmup = dict(warmup_epochs=hparams['warmup_epochs'],
+                    warmup_until=(hparams['warmup_epochs']
+                                  - 0.5 * hparams['epochs_per_step']))
+    else:
+      warmup = dict(warmup_epochs=0.0)
+    return learning_rate_at(epoch, peak=hparams['peak_lr'],
+                            min_lr=hparams['peak_lr'] * floor_ratio,
+                            **warmup, **kwargs)
 
   return lr_fn

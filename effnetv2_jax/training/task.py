@@ -47,18 +47,39 @@ from effnetv2_jax.training import steps as steps_lib
 HPARAM_NAMES = schedules.STAGE_HPARAM_NAMES + ('dropout_rate',)
 
 
+LOSS_KINDS = ('softmax', 'sigmoid', 'sigmoid_sum')
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassificationLoss:
-  """The per-example loss against (soft, possibly mixed) labels."""
+  """The per-example loss against (soft, possibly mixed) labels.
 
-  kind: str = 'softmax'  # or 'sigmoid' (multi-label)
+  kinds (the step averages the per-example values over the batch):
+    'softmax'      cross entropy, as the official `softmax_cross_entropy`.
+    'sigmoid'      multi-label binary cross entropy averaged over classes,
+                   so the batch loss is the official
+                   `tf.losses.sigmoid_cross_entropy` (mean over batch and
+                   classes), on the scale its L2 weight was tuned against.
+    'sigmoid_sum'  the same summed over classes: the official 'custom' loss,
+                   num_classes times 'sigmoid'.
+  """
+
+  kind: str = 'softmax'
   label_smoothing: float = 0.1
   normalize_labels: bool = False  # multi-hot labels sum to 1 first
 
+  def __post_init__(self):
+    if self.kind not in LOSS_KINDS:
+      raise ValueError(f'loss kind must be one of {LOSS_KINDS}, got '
+                       f'{self.kind!r}')
+
   def __call__(self, logits, labels):
-    if self.kind == 'sigmoid':
-      return steps_lib.sigmoid_cross_entropy(
+    if self.kind in ('sigmoid', 'sigmoid_sum'):
+      summed = steps_lib.sigmoid_cross_entropy(
           logits, labels, label_smoothing=self.label_smoothing)
+      if self.kind == 'sigmoid':
+        return summed / logits.shape[-1]
+      return summed
     return steps_lib.cross_entropy(
         logits, labels, label_smoothing=self.label_smoothing,
         normalize_labels=self.normalize_labels)

@@ -82,6 +82,9 @@ class _Setup:
   normalization: str
   stage_eval_split: str  # the holdout when there is one
   final_eval_split: str
+  # Examples per epoch for the stage plan and the learning-rate schedule:
+  # config.train.epoch_examples, else the train split's size.
+  epoch_examples: int
 
 
 def train_and_evaluate(config, workdir: str, *,
@@ -139,7 +142,7 @@ def train_and_evaluate(config, workdir: str, *,
     terms, extras = (*terms, *distill_terms), (*extras, *distill_extras)
     task = task_lib.task_from_config(
         config, mesh=setup.mesh, model=setup.model,
-        num_train_examples=setup.info.num_train_examples,
+        num_train_examples=setup.epoch_examples,
         total_epochs=planner.total_epochs,
         multi_label=setup.info.multi_label, terms=terms, extras=extras)
     ckpt = _checkpointer(workdir, config, options)
@@ -227,7 +230,8 @@ def _setup(config) -> _Setup:
       eval_size=config.eval.image_size or model.eval_size,
       normalization=config.data.normalization or model.normalization,
       stage_eval_split=(data.HOLDOUT_SPLIT if holdout else final_split),
-      final_eval_split=final_split)
+      final_eval_split=final_split,
+      epoch_examples=config.train.epoch_examples or info.num_train_examples)
 
 
 def _check_convolutions(config, dtype) -> None:
@@ -270,7 +274,7 @@ def _linear_planner(config, setup: _Setup) -> progressive.LinearStagePlanner:
   try:
     plan = progressive.plan_from_config(
         prog, epochs=config.train.epochs,
-        num_train_examples=setup.info.num_train_examples,
+        num_train_examples=setup.epoch_examples,
         batch_size=config.train.batch_size,
         batch_multiple=mesh_lib.data_axis_size(setup.mesh),
         total_steps=config.train.total_steps or None)
@@ -309,7 +313,7 @@ def _distillation(config, setup: _Setup, planner, planned):
 def _distillation_context(setup: _Setup, planner, last_stage) -> dict:
   """What measuring a second extractor needs to know of the run."""
   return dict(mesh=setup.mesh, model_spec=setup.model,
-              num_train_examples=setup.info.num_train_examples,
+              num_train_examples=setup.epoch_examples,
               total_epochs=planner.total_epochs,
               batch_size=last_stage.batch_size,
               image_size=last_stage.image_size)
@@ -445,7 +449,8 @@ def _train_iterators(config, setup: _Setup):
         randaug_magnitude=settings.randaug_magnitude,
         mixup_alpha=settings.mixup_alpha, cutmix_alpha=settings.cutmix_alpha,
         normalization=setup.normalization, sharding=sharding,
-        start_batch=start_batch)
+        start_batch=start_batch,
+        augment_semantics=config.data.augment_semantics)
 
   return make
 
