@@ -48,7 +48,16 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, metrics and summary.json.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False,
-    'Call jax.distributed.initialize() (one process per host of a pod).')
+    'Call jax.distributed.initialize() (one process per host): on TPU pods '
+    'and SLURM/Kubernetes GPU clusters it detects the rest; elsewhere give '
+    '--coordinator_address, --num_processes and --process_id.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0 (with --distributed; default: detected).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Processes in the job (with --distributed).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, "This process's index, 0-based (with --distributed).")
 
 # Exit status after a SIGTERM checkpoint, so a scheduler restarts the job.
 _PREEMPTED_EXIT = 143
@@ -59,6 +68,25 @@ def _quiet_libraries() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger('effnetv2_jax').setLevel(logging.INFO)
+
+
+def _initialize_distributed(jax) -> None:
+  """One process per host, coordinated by JAX; a bad combination of the
+  flags is one line."""
+  given = {'coordinator_address': _COORDINATOR.value,
+           'num_processes': _NUM_PROCESSES.value,
+           'process_id': _PROCESS_ID.value}
+  explicit = {k: v for k, v in given.items() if v is not None}
+  if explicit and len(explicit) != len(given):
+    missing = sorted(set(given) - set(explicit))
+    print(f'error: --distributed with {", ".join("--" + k for k in explicit)}'
+          f' also needs --{" and --".join(missing)}', file=sys.stderr)
+    sys.exit(cli.USAGE_EXIT_STATUS)
+  if explicit and not 0 <= explicit['process_id'] < explicit['num_processes']:
+    print(f'error: --process_id={explicit["process_id"]} is not in [0, '
+          f'--num_processes={explicit["num_processes"]})', file=sys.stderr)
+    sys.exit(cli.USAGE_EXIT_STATUS)
+  jax.distributed.initialize(**explicit)
 
 
 def main(argv):
@@ -73,8 +101,7 @@ def main(argv):
       pass
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
-    # Multi-host TPU slices: one process per host, coordinated by JAX.
-    jax.distributed.initialize()
+    _initialize_distributed(jax)
   from effnetv2_jax.training import trainer  # pylint: disable=g-import-not-at-top
   try:
     _, summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

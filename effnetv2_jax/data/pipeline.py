@@ -249,6 +249,52 @@ class TrainIterator:
     return _to_output(batch, self._sharding, self.global_batch_size)
 
 
+class _VirtualProcessesIterator(TrainIterator):
+  """This process's share of an N-process input pipeline: one numpy
+  pipeline per virtual process, their batches concatenated in process order
+  (the row order `make_array_from_process_local_data` gives N real ones)."""
+
+  def __init__(self, parts, *, sharding, global_batch_size: int,
+               start_batch: int, info):
+    super().__init__(None, sharding=sharding,
+                     global_batch_size=global_batch_size,
+                     local_batch_size=sum(p.local_batch_size for p in parts),
+                     start_batch=start_batch, info=info)
+    self._parts = parts
+
+  def close(self) -> None:
+    for part in self._parts:
+      part.close()
+    self._parts = []
+
+  def __next__(self) -> dict[str, Any]:
+    if not self._parts:
+      raise StopIteration
+    batches = [next(part) for part in self._parts]
+    self.next_batch += 1
+    local = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return _to_output(local, self._sharding, self.global_batch_size)
+
+
+def _virtual_processes_iterator(arguments: dict, *, sharding,
+                                global_batch_size: int,
+                                input_processes: int) -> TrainIterator:
+  import jax  # pylint: disable=g-import-not-at-top
+  count, index = jax.process_count(), jax.process_index()
+  if input_processes < count or input_processes % count:
+    raise ValueError(f'input_processes={input_processes} must be a multiple '
+                     f'of the job\'s {count} processes')
+  _local_batch_size(global_batch_size, input_processes)  # divisible?
+  share = input_processes // count
+  parts = [make_train_iterator(global_batch_size=global_batch_size,
+                               process_index=v, process_count=input_processes,
+                               **arguments)
+           for v in range(index * share, (index + 1) * share)]
+  return _VirtualProcessesIterator(
+      parts, sharding=sharding, global_batch_size=global_batch_size,
+      start_batch=arguments['start_batch'], info=parts[0].info)
+
+
 class EvalIterator:
   """A re-iterable eval pass of fixed-shape, padded batches with a mask.
 
@@ -314,7 +360,8 @@ def make_train_iterator(
     process_index: int | None = None, process_count: int | None = None,
     shuffle_buffer: int | None = None, split: str | None = None,
     num_threads: int | None = None, holdout: float = 0,
-    augment_semantics: str = 'official') -> TrainIterator:
+    augment_semantics: str = 'official',
+    input_processes: int = 0) -> TrainIterator:
   """An endless, resumable iterator of augmented training batches.
 
   Args:
@@ -351,6 +398,11 @@ def make_train_iterator(
       Posterize wrap around above magnitude 10, CutMix labels weighted by
       the batch-mean pasted fraction) or 'intended' (no wraparound, each
       example's own fraction); see `augment_ops` and `mix`.
+    input_processes: with `sharding`, build the global batches an input
+      pipeline split over this many processes builds (0: the job's own
+      count). A multiple of the process count: each process then runs the
+      pipelines of its share of them and concatenates their batches, so a
+      run on one host reproduces the data order of a run on N.
 
   Returns:
     TrainIterator.
@@ -359,6 +411,19 @@ def make_train_iterator(
     ValueError: a bad argument, or a holdout that leaves fewer than
       global_batch_size train examples.
   """
+  if sharding is not None and input_processes:
+    import jax  # pylint: disable=g-import-not-at-top
+    if input_processes != jax.process_count():
+      return _virtual_processes_iterator(
+          dict(name=name, data_dir=data_dir, image_size=image_size, seed=seed,
+               augment=augment, randaug_layers=randaug_layers,
+               randaug_magnitude=randaug_magnitude, mixup_alpha=mixup_alpha,
+               cutmix_alpha=cutmix_alpha, normalization=normalization,
+               start_batch=start_batch, shuffle_buffer=shuffle_buffer,
+               split=split, num_threads=num_threads, holdout=holdout,
+               augment_semantics=augment_semantics),
+          sharding=sharding, global_batch_size=global_batch_size,
+          input_processes=input_processes)
   configure_tensorflow()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from effnetv2_jax.data import mix as mix_lib  # pylint: disable=g-import-not-at-top

@@ -235,8 +235,6 @@ def save_variables(directory: str | os.PathLike, *, architecture: Any,
   `architecture` is any family's description (see `abstract_model`);
   `bn_epsilon` is recorded only when `batch_stats` is not empty.
   """
-  import orbax.checkpoint as ocp
-
   family, description = families.resolve(architecture)
   normalization = normalization or family.normalization(description)
   if normalization not in NORMALIZATIONS:
@@ -274,7 +272,7 @@ def save_variables(directory: str | os.PathLike, *, architecture: Any,
       parent, f'.{os.path.basename(final)}.partial-{uuid.uuid4().hex[:8]}')
   try:
     os.makedirs(staging)
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _this_process_checkpointer()
     checkpointer.save(os.path.join(staging, STATE_DIR), tree)
     checkpointer.wait_until_finished()
     checkpointer.close()
@@ -286,6 +284,18 @@ def save_variables(directory: str | os.PathLike, *, architecture: Any,
     if os.path.exists(staging):
       shutil.rmtree(staging, ignore_errors=True)
   return final
+
+
+def _this_process_checkpointer():
+  """An orbax checkpointer that waits for no other process: a model
+  directory is written (after a multi-host run, by process 0 alone) and read
+  by one process at a time, while orbax's default synchronises every
+  process of the job and would wait forever for the others."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me}))
 
 
 def _host_float32(x):
@@ -358,15 +368,13 @@ def read_meta(directory: str | os.PathLike) -> dict:
 
 def _restore(directory: str, meta: dict, abstract: nnx.Module
              ) -> tuple[dict, dict]:
-  import orbax.checkpoint as ocp
-
   state_dir = os.path.abspath(os.path.join(directory, STATE_DIR))
   if not os.path.isdir(state_dir):
     raise WeightsError(f'{directory}: the {STATE_DIR}/ checkpoint is missing')
   _, params_state, stats_state, _ = _split(abstract)
   target = {'params': nnx.to_pure_dict(params_state),
             'batch_stats': nnx.to_pure_dict(stats_state)}
-  checkpointer = ocp.StandardCheckpointer()
+  checkpointer = _this_process_checkpointer()
   try:
     stored = checkpointer.metadata(state_dir).item_metadata.tree
   except Exception as e:  # orbax raises many types for a damaged directory

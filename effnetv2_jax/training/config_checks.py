@@ -241,6 +241,9 @@ def validate(config, *, num_devices: int, data_axis_size: int | None = None,
   _pair(config, 'progressive.cutmix_alpha', 0.0, 100.0)
   _pair(config, 'progressive.dropout_rate', 0.0, 1.0, upper_open=True)
   _check_controller(config)
+  _require(config.data.input_processes >= 0, 'data.input_processes',
+           config.data.input_processes,
+           "must be >= 0 (0: the job's process count)")
 
   _check_distill(config.distill)
 

@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   # split: 0 none, a fraction in (0, 1), or a count (e.g. 5000). Stage-end
   # evals use them; the final eval uses eval_split (data/sources.py).
   c.data.holdout = 0.0
+  # Build the global batches as an input pipeline split over this many
+  # processes would (0: the job's own count): a one-host run then sees the
+  # data order of an N-host run, e.g. to check or reproduce a pod run.
+  c.data.input_processes = 0
   c.data.augment = 'randaugment'
   c.data.randaug_layers = 2
   # 'official': what google/automl computes, wraparounds included (Solarize

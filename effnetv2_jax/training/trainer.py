@@ -450,6 +450,7 @@ def _train_iterators(config, setup: _Setup):
         mixup_alpha=settings.mixup_alpha, cutmix_alpha=settings.cutmix_alpha,
         normalization=setup.normalization, sharding=sharding,
         start_batch=start_batch,
+        input_processes=config.data.input_processes,
         augment_semantics=config.data.augment_semantics)
 
   return make
