@@ -4,23 +4,23 @@
         [--digits_model DIR | --digits_workdir DIR] [--quick]
 
 Part 1, per model and format (onnx, saved_model, tflite, stablehlo; float32,
-batch 2, the model's eval size): max |logits difference| between the export,
-run in its own runtime (onnxruntime, TF, the TFLite interpreter, JAX), and
-the JAX model on two N(0, 1) images; the file size; the export's wall time
-(conversion and writing; loading the weights excluded). Without --model_dir
-the weights are random: convolutions from the initialiser, BatchNorm
-statistics from one training-mode pass over eight N(0, 1) images at 128 px
-(so activations stay O(1) instead of shrinking through the network) and the
-classifier as initialised, so the logits are small: the table gives max
-|logits| and the difference relative to it, which is what carries over to a
-trained model's larger logits.
+the default fixed batch of 1, the model's eval size): max |logits
+difference| between the export, run in its own runtime (onnxruntime, TF, the
+TFLite interpreter, JAX), and the JAX model on two N(0, 1) images; the file
+size; the export's wall time (conversion and writing; loading the weights
+excluded; the first TF format also pays for importing TensorFlow). Without
+--model_dir the weights are random: convolutions from the initialiser,
+BatchNorm statistics from one training-mode pass over four N(0, 1) images at
+the eval size (so activations stay O(1) instead of shrinking through the
+network) and the classifier as initialised; the table gives max |logits| and
+the difference relative to it.
 
 Part 2, the digits quickstart model (configs/digits.py): top-1 on the 360
 test digits of the JAX model, the float32 TFLite export and the int8 one
-(full-integer, calibrated on train digits), with the file sizes. The model
-comes from --digits_model (a model directory or finished workdir), or is
-trained into --digits_workdir first (about 1-4 minutes on 2 cores) unless
-that already holds model/.
+(full-integer, batch 1, calibrated on 200 train digits), with the file
+sizes. The model comes from --digits_model (a model directory or finished
+workdir), or is trained into --digits_workdir first (about 1-4 minutes on 2
+cores) unless that already holds model/.
 
 Prints markdown tables; appends nothing to RESULTS.md.
 """
@@ -39,10 +39,8 @@ import numpy as np
 from benchmarks import harness
 
 FLOAT_FORMATS = ('onnx', 'saved_model', 'tflite', 'stablehlo')
-PARITY_BATCH = 2
-STATISTICS_SIZE = 128
-STATISTICS_BATCH = 8
-DIGITS_BATCH = 8  # the int8 export's fixed batch; 360 = 45 x 8
+PARITY_IMAGES = 2
+STATISTICS_BATCH = 4
 DIGITS_TEST = 360
 
 
@@ -62,9 +60,8 @@ def parse_args(argv=None):
                                            'effnetv2_digits_export'),
                       help='where to train the digits model when '
                            '--digits_model is not given')
-  parser.add_argument('--calibration_steps', type=int, default=25,
-                      help=f'int8 calibration batches of {DIGITS_BATCH} train '
-                           'digits (default 25: 200 images)')
+  parser.add_argument('--calibration_steps', type=int, default=200,
+                      help='int8 calibration train digits (default 200)')
   parser.add_argument('--skip_digits', action='store_true',
                       help='only the parity table')
   parser.add_argument('--quick', action='store_true',
@@ -86,14 +83,16 @@ def random_model_dir(variant: str, directory: str) -> str:
   import jax
   from flax import nnx
 
+  from effnetv2_jax.models import arch as arch_lib
   from effnetv2_jax.models import efficientnetv2, small, weights
 
-  architecture = small.ARCHITECTURES.get(variant, variant)
+  architecture = small.ARCHITECTURES.get(variant) or arch_lib.get_architecture(
+      variant)
   model = efficientnetv2.create_model(architecture, 1000, rngs=0,
                                       conv_impl='xla', bn_momentum=0.0)
-  images = jax.random.normal(
-      jax.random.key(1), (STATISTICS_BATCH, STATISTICS_SIZE, STATISTICS_SIZE,
-                          3))
+  size = architecture.eval_size
+  images = jax.random.normal(jax.random.key(1),
+                             (STATISTICS_BATCH, size, size, 3))
   nnx.jit(lambda m, x: m(x, training=True, dropout_rate=0.0,
                          drop_path_rate=0.0))(model, images)
   return weights.save_model(os.path.join(directory, variant), model,
@@ -107,15 +106,15 @@ def parity_rows(model_dir: str, formats, directory: str) -> list[dict]:
   from effnetv2_jax import export
   from effnetv2_jax.export import runtimes
 
-  serving = export.load_serving(model_dir, batch=PARITY_BATCH)
+  serving = export.load_serving(model_dir)
   images = np.random.default_rng(0).standard_normal(
-      (PARITY_BATCH, serving.size, serving.size, 3)).astype(np.float32)
-  reference = np.asarray(jax.jit(serving.fn)(images))
+      (PARITY_IMAGES, serving.size, serving.size, 3)).astype(np.float32)
+  reference = _one_by_one(jax.jit(serving.fn), images)
   rows = []
   for format in formats:
     path = os.path.join(directory, f'{serving.name}.{format}')
     result = export.export_serving(serving, format, path)
-    logits = runtimes.load_runner(format, result.path)(images)
+    logits = _one_by_one(runtimes.load_runner(format, result.path), images)
     rows.append(dict(
         model=f'{serving.name} @ {serving.size}', format=format,
         max_abs_diff=float(np.abs(logits - reference).max()),
@@ -162,11 +161,9 @@ def digits_rows(args, directory: str) -> list[dict]:
   from effnetv2_jax import export
   from effnetv2_jax.export import runtimes
 
-  serving = export.load_serving(digits_model(args), batch=DIGITS_BATCH)
+  serving = export.load_serving(digits_model(args))
   images, labels = digits_test_set(serving.size, serving.normalization)
-  jax_logits = np.concatenate([
-      np.asarray(jax.jit(serving.fn)(images[i:i + DIGITS_BATCH]))
-      for i in range(0, len(images), DIGITS_BATCH)])
+  jax_logits = _one_by_one(jax.jit(serving.fn), images)
   rows = [dict(model='JAX float32', top1=_top1(jax_logits, labels),
                agreement=1.0, size_mb=None, export_s=None)]
   calibration = export.Calibration('digits', steps=args.calibration_steps)
@@ -175,15 +172,18 @@ def digits_rows(args, directory: str) -> list[dict]:
     result = export.export_serving(
         serving, 'tflite', path, quantize=quantize,
         calibration=calibration if quantize else None)
-    run = runtimes.load_runner('tflite', result.path)
-    logits = np.concatenate([run(images[i:i + DIGITS_BATCH])
-                             for i in range(0, len(images), DIGITS_BATCH)])
+    logits = _one_by_one(runtimes.load_runner('tflite', result.path), images)
     rows.append(dict(model=name, top1=_top1(logits, labels),
                      agreement=float(np.mean(logits.argmax(1)
                                              == jax_logits.argmax(1))),
                      size_mb=result.size_bytes / 1e6,
                      export_s=result.seconds))
   return rows
+
+
+def _one_by_one(run, images: np.ndarray) -> np.ndarray:
+  """Logits of `images` from a batch-1 model."""
+  return np.concatenate([np.asarray(run(image[None])) for image in images])
 
 
 def _top1(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -9,7 +9,6 @@ orbax below 0.11.37); it needs `pip install -e .[export]`.
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 
 from effnetv2_jax.export import output
@@ -29,7 +28,8 @@ def _import_converter():
   and dm-pix ones, which build and compile example networks at import (8 of
   its 10 s on 2 cores) and, against jax 0.10, log tracebacks for the two
   dm-pix ones that no longer import. The serving function is a plain jax
-  function, so the lax / jax.numpy plugins cover it.
+  function, so the lax / jax.numpy plugins cover it. This uses jax2onnx
+  0.13's private loader; where it is absent, `to_onnx` loads everything.
   """
   try:
     from jax2onnx import to_onnx
@@ -38,17 +38,19 @@ def _import_converter():
     raise ExportError(
         f'--format onnx needs jax2onnx, onnx and onnxruntime ({e}); install '
         "them with `pip install -e '.[export]'`") from None
-  if not getattr(plugin_system, '_already_imported_plugins', True):
+  if (hasattr(plugin_system, '_import_tree')
+      and not getattr(plugin_system, '_already_imported_plugins', True)):
     root = pathlib.Path(plugin_system.__file__).parent
     quiet = logging.getLogger(plugin_system.__name__)
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    # pylint: disable=protected-access
     try:
-      plugin_system._import_tree(  # pylint: disable=protected-access
-          root / 'jax', 'jax2onnx.plugins.jax')
+      plugin_system._import_tree(root / 'jax', 'jax2onnx.plugins.jax')
     finally:
       quiet.setLevel(level)
-    plugin_system._already_imported_plugins = True  # pylint: disable=protected-access
+    plugin_system._already_imported_plugins = True
+    # pylint: enable=protected-access
   return to_onnx
 
 
@@ -60,16 +62,10 @@ def export_onnx(serving: ServingFunction, path: str, *,
 
   final = output.check_output(path, directory=False)
   to_onnx = _import_converter()
-  shape = ((BATCH_DIM,) if serving.batch is None else (serving.batch,)) + (
-      serving.size, serving.size, 3)
-  if serving.batch is None:
-    spec = shape  # jax2onnx reads a string dimension as symbolic
-    if serving.input_dtype != 'float32':
-      spec = jax.ShapeDtypeStruct(
-          jax.export.symbolic_shape(', '.join(map(str, shape))),
-          np.dtype(serving.input_dtype))
-  else:
-    spec = jax.ShapeDtypeStruct(shape, np.dtype(serving.input_dtype))
+  batch = BATCH_DIM if serving.batch is None else serving.batch
+  shape = jax.export.symbolic_shape(
+      f'{batch}, {serving.size}, {serving.size}, 3')
+  spec = jax.ShapeDtypeStruct(shape, np.dtype(serving.input_dtype))
   try:
     model = to_onnx(serving.fn, inputs=[spec], model_name=serving.name,
                     opset=opset, input_names=[INPUT_NAME],
