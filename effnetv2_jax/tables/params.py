@@ -1,4 +1,4 @@
-"""Tables about the model family, printed from the code itself.
+"""Paper Table 7's parameters and FLOPs, beside ours.
 
     python -m effnetv2_jax.tables params [--json | --markdown] [--no-xla]
                                          [--variant s --variant b0]
@@ -19,22 +19,23 @@ padding_taps=False)`, and what is left is XLA's element-wise count.
 XLA's cost analysis gives custom calls no cost, so the count compiles a model
 whose every convolution is an XLA op: on CPU the oneDNN convolutions
 (`conv_impl='auto'`, and eval-mode 1x1 convolutions on large maps) are custom
-calls, and on GPU cuDNN's are, so it always compiles for the CPU.
+calls, and on GPU cuDNN's are, so it always compiles for the CPU backend
+(its inputs placed on `jax.devices('cpu')`), whatever the default device.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import re
 import sys
-from typing import TYPE_CHECKING
 
-# The models package imports jax, which reads JAX_PLATFORMS once on import:
-# `main` sets it first, so the functions import the package when they run.
-if TYPE_CHECKING:
-  from effnetv2_jax.models.arch import Architecture
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effnetv2_jax.models import arch as arch_lib
+from effnetv2_jax.models import count_params, create_model
+from effnetv2_jax.models import macs as macs_lib
+from effnetv2_jax.models.arch import Architecture
 
 
 def xla_macs(architecture: Architecture | str, image_size: int,
@@ -48,12 +49,6 @@ def xla_macs(architecture: Architecture | str, image_size: int,
     RuntimeError: the compiled program still holds custom calls, which XLA
       does not cost, so the count would be short.
   """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from effnetv2_jax.models import create_model
-
   model = nnx.eval_shape(
       lambda: create_model(architecture, num_classes, conv_impl='xla'))
   graphdef, state = nnx.split(model)
@@ -83,8 +78,6 @@ def xla_macs(architecture: Architecture | str, image_size: int,
 def macs_row(architecture: Architecture, image_size: int,
              official_gmacs: float, *, with_xla: bool) -> dict:
   """One size's MAC figures for the params table, in G."""
-  from effnetv2_jax.models import macs as macs_lib
-
   count = macs_lib.count_macs(architecture, image_size).total
   row = {
       'size': image_size,
@@ -107,11 +100,6 @@ def macs_row(architecture: Architecture, image_size: int,
 
 def params_table(variants, *, with_xla: bool = True) -> list[dict]:
   """One row per variant: parameters, and MACs at the train and eval sizes."""
-  from flax import nnx
-
-  from effnetv2_jax.models import arch as arch_lib
-  from effnetv2_jax.models import count_params, create_model
-
   rows = []
   for name in variants:
     a = arch_lib.get_architecture(name)
@@ -201,38 +189,3 @@ def format_params_markdown(rows) -> str:
       cells += [_xla(r['train']), _xla(r['eval'])]
     lines.append('| ' + ' | '.join(cells + [r['paper']]) + ' |')
   return '\n'.join(lines)
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m effnetv2_jax.tables',
-      description='Parameter and MAC tables of the EfficientNetV2 family.')
-  parser.add_argument('table', choices=['params'])
-  output = parser.add_mutually_exclusive_group()
-  output.add_argument('--json', action='store_true', help='print JSON rows')
-  output.add_argument('--markdown', action='store_true',
-                      help="print the README's markdown table")
-  parser.add_argument('--no-xla', dest='xla', action='store_false',
-                      help="skip XLA's count (no compilation)")
-  parser.add_argument('--variant', action='append',
-                      help='restrict to these variants (repeatable)')
-  args = parser.parse_args(argv)
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from effnetv2_jax.models import arch as arch_lib
-  try:
-    variants = [arch_lib.normalize_variant_name(v)
-                for v in (args.variant or arch_lib.VARIANTS)]
-  except ValueError as e:
-    parser.error(str(e))
-  rows = params_table(variants, with_xla=args.xla)
-  if args.json:
-    print(json.dumps(rows, indent=1))
-  elif args.markdown:
-    print(format_params_markdown(rows))
-  else:
-    print(format_params_table(rows))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
