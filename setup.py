@@ -75,7 +75,8 @@ setuptools.setup(
     license='Apache-2.0',
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['effnetv2_jax', 'effnetv2_jax.*']),
-    package_data={'effnetv2_jax.kernels': ['onednn_conv.cc']},
+    package_data={'effnetv2_jax.kernels': ['onednn_conv.cc'],
+                  'effnetv2_jax.tables': ['results.json']},
     install_requires=CORE,
     extras_require=EXTRAS,
 )
