@@ -53,6 +53,8 @@ NAS = ['pyglove==0.4.5', 'ray[tune]==2.60.0']
 # orbax-checkpoint 0.12.8 (0.13.1 and later require orbax < 0.11.37).
 EXPORT = ['jax2onnx==0.13.0', 'onnx==1.23.2', 'onnxruntime==1.32.0']
 
+COLAB = ['nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0']
+
 EXTRAS = {
     # Reading timm .pth/.safetensors and Keras .weights.h5 files.
     'convert': ['torch==2.13.0', 'torchvision==0.28.0', 'safetensors==0.8.0',
@@ -60,9 +62,10 @@ EXTRAS = {
     # The architecture search: PyGlove's algorithms, Ray Tune for clusters.
     'nas': NAS,
     'export': EXPORT,
-    'test': REFERENCE + NAS + EXPORT + ['pytest==9.2.0',
-                                        'pytest-xdist==3.8.0'],
-    'colab': ['nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0'],
+    'colab': COLAB,
+    # CI executes the notebooks too.
+    'test': REFERENCE + NAS + EXPORT + COLAB + ['pytest==9.2.0',
+                                                'pytest-xdist==3.8.0'],
 }
 
 setuptools.setup(

@@ -172,10 +172,10 @@ def cache_savings(records: Mapping[int, dict]) -> dict[str, float]:
 def plot_pareto(rows: Sequence[Row], path: str, *, title: str = '') -> str:
   """Accuracy against normalised step time, marker area by parameters,
   the (A, S) front drawn, the reference at S = 1."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+  # A Figure of its own, not pyplot's: a notebook keeps its backend.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(7, 5), dpi=120)
+  ax = fig.subplots()
   if rows:
     s = [r.score.step_time_ratio for r in rows]
     a = [100 * r.accuracy for r in rows]
@@ -202,7 +202,6 @@ def plot_pareto(rows: Sequence[Row], path: str, *, title: str = '') -> str:
   ax.legend(loc='lower right', fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path
 
 

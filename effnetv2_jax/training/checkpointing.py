@@ -406,7 +406,8 @@ def init_extras_from(state, path: str, *, prefer_ema: bool, shardings
 
 
 def export_model(state, workdir: str, *, model, normalization: str,
-                 experiment: str, bn_epsilon: float) -> str | None:
+                 experiment: str, bn_epsilon: float,
+                 eval_size: int | None = None) -> str | None:
   """Writes workdir/model (EMA weights when there are) for inference.
 
   `model` is the run's `state.ModelSpec`, of any registered family
@@ -432,5 +433,7 @@ def export_model(state, workdir: str, *, model, normalization: str,
               f'{int(jax.device_get(state.step))}, '
               f'{"EMA" if use_ema else "raw"} weights'),
       normalization=normalization, bn_epsilon=bn_epsilon,
+      # predict's default size: the run's eval size, not the variant's.
+      extra={'eval_size': int(eval_size)} if eval_size else None,
       overwrite=True)
   return directory

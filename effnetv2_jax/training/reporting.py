@@ -184,11 +184,11 @@ def plot_curves(workdir: str, history: Sequence[Any], title: str = ''
   holdout = [r for r in records if r['kind'] == 'eval_holdout']
   if not train and not evals and not holdout:
     return None
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  # A Figure of its own, not pyplot's: a notebook keeps its backend.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-  fig, (ax_loss, ax_acc, ax_reg) = plt.subplots(1, 3, figsize=(16, 4))
+  fig = Figure(figsize=(16, 4))
+  ax_loss, ax_acc, ax_reg = fig.subplots(1, 3)
   if train:
     ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train],
                  label='train loss')
@@ -219,7 +219,6 @@ def plot_curves(workdir: str, history: Sequence[Any], title: str = ''
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=100)
-  plt.close(fig)
   path = os.path.join(workdir, PLOT_FILE)
   _path(path).write_bytes(buffer.getvalue())
   return path

@@ -193,7 +193,7 @@ def train_and_evaluate(config, workdir: str, *,
       summary['model_dir'] = checkpointing.export_model(
           state, workdir, model=setup.model,
           normalization=setup.normalization, experiment=config.experiment,
-          bn_epsilon=config.model.bn_epsilon)
+          bn_epsilon=config.model.bn_epsilon, eval_size=setup.eval_size)
     _write_outputs(workdir, summary, run.history, config, options)
   return state, summary
 
