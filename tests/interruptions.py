@@ -1,7 +1,10 @@
-"""Interrupting a training run in this process once it has checkpointed."""
+"""Interrupting a training run (in this process, or a `main` subprocess)
+once it has checkpointed."""
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -41,3 +44,18 @@ def run_and_signal(train, workdir, after_step, signum=signal.SIGTERM):
   finally:
     running.clear()
     watcher.join()
+
+
+def main_killed_after_checkpoint(main_args, workdir, after_step, log_path,
+                                 cwd):
+  """Runs `python -m effnetv2_jax.main *main_args` and SIGKILLs it once
+  `workdir` holds a checkpoint at or after `after_step`; -> whether it was
+  killed (its output is in `log_path`)."""
+  with open(log_path, 'w') as log:
+    job = subprocess.Popen(
+        [sys.executable, '-m', 'effnetv2_jax.main', *main_args], cwd=cwd,
+        stdout=log, stderr=subprocess.STDOUT)
+  killed = when_checkpoint(workdir, after_step, job.kill,
+                           lambda: job.poll() is None)
+  job.wait(timeout=60)
+  return killed

@@ -22,6 +22,7 @@ from effnetv2_jax import predict
 from effnetv2_jax.convert import __main__ as cli
 from effnetv2_jax.convert import official
 from effnetv2_jax.models import arch, weights
+from model_variables import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B0 = arch.get_architecture('b0')
@@ -49,21 +50,6 @@ _MBCONV = {'expand_conv': 'conv2d', 'expand_bn': 'tpu_batch_normalization',
            'dw_bn': 'tpu_batch_normalization_1', 'project_conv': 'conv2d_1',
            'project_bn': 'tpu_batch_normalization_2'}
 _SE = {'reduce': 'se/conv2d', 'expand': 'se/conv2d_1'}
-
-
-def random_trees(architecture, num_classes, seed):
-  """(params, batch_stats) in our layout, random, variances positive."""
-  abstract = weights.abstract_model(architecture, num_classes,
-                                    conv_impl='xla')
-  _, params, stats, _ = weights._split(abstract)
-  rng = np.random.default_rng(seed)
-
-  def fill(tree, low, high):
-    return jax.tree.map(
-        lambda s: rng.random(s.shape, np.float32) * (high - low) + low, tree)
-
-  return (fill(nnx.to_pure_dict(params), -0.5, 0.5),
-          fill(nnx.to_pure_dict(stats), 0.5, 1.5))
 
 
 def _block_table(block):
@@ -122,13 +108,13 @@ class Release:
 
   def __init__(self, root, architecture, num_classes, *, name, seed,
                training_state=True, archive=False):
-    self.raw = random_trees(architecture, num_classes, seed)
+    self.raw = random_variables(architecture, num_classes, seed)
     self.ema = self.raw
     model_name = f'efficientnetv2-{architecture.name}'
     raw = official_tensors(*self.raw, model_name)
     tensors = dict(raw)
     if training_state:
-      self.ema = random_trees(architecture, num_classes, seed + 1)
+      self.ema = random_variables(architecture, num_classes, seed + 1)
       for tensor, value in official_tensors(*self.ema, model_name).items():
         tensors[tensor + '/ExponentialMovingAverage'] = value
       rng = np.random.default_rng(seed + 2)
@@ -197,7 +183,7 @@ def test_names_fit_the_official_layout():
   """The converter's names for every block type of the released variants."""
   naming = official.official_naming('efficientnetv2-s')
   names = {n for n, _ in naming.expected_names(S, 1000)}
-  params, stats = random_trees(S, 1000, 0)
+  params, stats = random_variables(S, 1000, 0)
   want = official_tensors(params, stats, 'efficientnetv2-s')
   assert names == set(want)
   assert 'efficientnetv2-s/blocks_39/se/conv2d_1/bias' in names
@@ -447,7 +433,7 @@ def test_unsafe_or_unreadable_inputs(tmp_path, capsys):
 
 
 def test_unknown_prefix_needs_a_variant(tmp_path, capsys):
-  params, stats = random_trees(B0, 10, 3)
+  params, stats = random_variables(B0, 10, 3)
   prefix = str(tmp_path / 'ckpt')
   write_checkpoint(prefix, official_tensors(params, stats, 'my-net'))
   status, _, err = convert(['--input', prefix, '--output',

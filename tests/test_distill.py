@@ -7,8 +7,6 @@ SIGKILL with the extractor in the state.
 """
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +25,7 @@ from effnetv2_jax.training import state as state_lib
 from effnetv2_jax.training import task as task_lib
 from effnetv2_jax.training import trainer
 from config_files import REPO, load_config
-from interruptions import committed_steps, when_checkpoint
+from interruptions import committed_steps, main_killed_after_checkpoint
 
 CLASSES, BATCH, SIZE = 10, 8, 24
 TINY_CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
@@ -227,13 +225,9 @@ def test_distill_resume_after_sigkill_is_bitwise_identical(tmp_path):
   flags = [f'--config.{k}={v}' for k, v in dict(
       overrides, **{'distill.mode': 'stacked',
                     'distill.extractor': 'mbconv-d1-e4'}).items()]
-  command = [sys.executable, '-m', 'effnetv2_jax.main',
-             f'--config={TINY_CONFIG}', f'--workdir={workdir}'] + flags
-  with open(tmp_path / 'job.log', 'w') as log:
-    job = subprocess.Popen(command, cwd=REPO, stdout=log,
-                           stderr=subprocess.STDOUT)
-  killed = when_checkpoint(workdir, 14, job.kill, lambda: job.poll() is None)
-  job.wait(timeout=60)
+  killed = main_killed_after_checkpoint(
+      [f'--config={TINY_CONFIG}', f'--workdir={workdir}'] + flags, workdir,
+      14, tmp_path / 'job.log', REPO)
   assert killed, (tmp_path / 'job.log').read_text()[-3000:]
   assert 14 <= committed_steps(workdir)[-1] < 24
   resumed, summary = trainer.train_and_evaluate(_tiny_distill(**overrides),

@@ -4,8 +4,6 @@ a resume after SIGKILL that replays the decisions exactly."""
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,7 +14,7 @@ from effnetv2_jax.training import feedback
 from effnetv2_jax.training import progressive
 from effnetv2_jax.training import trainer
 from config_files import REPO, load_config
-from interruptions import committed_steps, when_checkpoint
+from interruptions import committed_steps, main_killed_after_checkpoint
 
 RULE = feedback.FeedbackRule(hold_gap=0.02, target_gap=0.05, growth_gain=1.0,
                              max_speedup=3.0)
@@ -178,14 +176,10 @@ def test_feedback_run_resumes_after_sigkill_with_the_same_decisions(
 
   workdir = str(tmp_path / 'killed')
   flags = [f'--config.{k}={v}' for k, v in overrides.items()]
-  command = [sys.executable, '-m', 'effnetv2_jax.main',
-             f'--config={os.path.join(REPO, "configs", "tiny.py")}:'
-             'controller=feedback', f'--workdir={workdir}'] + flags
-  with open(tmp_path / 'job.log', 'w') as log:
-    job = subprocess.Popen(command, cwd=REPO, stdout=log,
-                           stderr=subprocess.STDOUT)
-  killed = when_checkpoint(workdir, 12, job.kill, lambda: job.poll() is None)
-  job.wait(timeout=60)
+  killed = main_killed_after_checkpoint(
+      [f'--config={os.path.join(REPO, "configs", "tiny.py")}:'
+       'controller=feedback', f'--workdir={workdir}'] + flags, workdir, 12,
+      tmp_path / 'job.log', REPO)
   assert killed, (tmp_path / 'job.log').read_text()[-3000:]
   assert 12 <= committed_steps(workdir)[-1] < 24
   resumed, resumed_summary = trainer.train_and_evaluate(config(), workdir)

@@ -15,6 +15,7 @@ from PIL import Image
 from effnetv2_jax import predict
 from effnetv2_jax.imagenet_classes import IMAGENET_CLASSES
 from effnetv2_jax.models import arch, weights
+from model_variables import random_variables
 
 TINY = arch.scaled(arch.get_architecture('b0'), width=0.25, depth=0.25,
                    head_channels=32, name='tiny')
@@ -158,20 +159,6 @@ def test_class_names_follow_the_imagenet_label_order():
 # The command line.
 
 
-def random_variables(architecture, num_classes, seed):
-  abstract = weights.abstract_model(architecture, num_classes,
-                                    conv_impl='xla')
-  _, params, stats, _ = weights._split(abstract)
-  rng = np.random.default_rng(seed)
-
-  def fill(tree, low, high):
-    return jax.tree.map(
-        lambda s: rng.uniform(low, high, s.shape).astype(np.float32), tree)
-
-  return (fill(nnx.to_pure_dict(params), -0.5, 0.5),
-          fill(nnx.to_pure_dict(stats), 0.5, 1.0))
-
-
 def jitted_logits(model, x):
   graphdef, state = nnx.split(model)
   return np.asarray(jax.jit(
@@ -180,7 +167,7 @@ def jitted_logits(model, x):
 
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
-  params, stats = random_variables(TINY, 1000, 0)
+  params, stats = random_variables(TINY, 1000, 0, stats_high=1.0)
   model = weights.model_from_variables(TINY, 1000, params, stats,
                                        conv_impl='xla')
   directory = tmp_path_factory.mktemp('predict') / 'tiny'
@@ -298,7 +285,7 @@ def test_cli_bad_arguments(model_dir, inputs, capsys):
 
 def test_cli_names_classes_by_index_without_1000_classes(inputs, tmp_path,
                                                          capsys):
-  params, stats = random_variables(TINY, 7, 1)
+  params, stats = random_variables(TINY, 7, 1, stats_high=1.0)
   model = weights.model_from_variables(TINY, 7, params, stats,
                                        conv_impl='xla')
   weights.save_model(tmp_path / 'm7', model)
@@ -312,7 +299,7 @@ def test_cli_reads_a_training_workdir_preferring_ema(inputs, tmp_path,
                                                      capsys):
   import orbax.checkpoint as ocp
   b0 = arch.get_architecture('b0')
-  ema_params, ema_stats = random_variables(b0, 1000, 4)
+  ema_params, ema_stats = random_variables(b0, 1000, 4, stats_high=1.0)
   # The raw weights differ from the EMA ones by a classifier bias offset, so
   # raw logits would be the EMA logits + 10: one forward tells them apart.
   raw_params = jax.tree.map(np.copy, ema_params)

@@ -71,10 +71,7 @@ def export_onnx(serving: ServingFunction, path: str, *,
                     opset=opset, input_names=[INPUT_NAME],
                     output_names=[OUTPUT_NAME])
   except Exception as e:  # a primitive without a jax2onnx plugin, ...
-    reason = str(e).strip().splitlines()
-    raise ConversionError(f'jax2onnx failed: '
-                          f'{reason[0] if reason else type(e).__name__}'
-                          ) from None
+    raise ConversionError.of('jax2onnx', e) from None
   with output.staged(final) as staging:
     with open(staging, 'wb') as f:
       f.write(model.SerializeToString())

@@ -41,6 +41,14 @@ class ExportError(ValueError):
 class ConversionError(ExportError):
   """A converter failed on a valid request; the message is one line."""
 
+  @classmethod
+  def of(cls, converter: str, error: BaseException) -> 'ConversionError':
+    """`converter failed: <the first line of error>` (converters raise
+    long, multi-line messages such as MLIR dumps)."""
+    lines = str(error).strip().splitlines()
+    return cls(f'{converter} failed: '
+               f'{lines[0] if lines else type(error).__name__}')
+
 
 @dataclasses.dataclass(frozen=True)
 class ServingFunction:

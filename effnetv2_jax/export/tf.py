@@ -149,10 +149,7 @@ def export_tflite(serving: ServingFunction, path: str, *,
     try:
       flatbuffer = converter.convert()
     except Exception as e:  # the converter's errors are long MLIR dumps
-      reason = str(e).strip().splitlines()
-      raise ConversionError(f'the TFLite converter failed: '
-                        f'{reason[0] if reason else type(e).__name__}'
-                        ) from None
+      raise ConversionError.of('the TFLite converter', e) from None
   with output.staged(final) as staging:
     with open(staging, 'wb') as f:
       f.write(flatbuffer)
