@@ -147,6 +147,19 @@ def test_device_groups_are_disjoint():
     local.device_groups('cpu', 3, 0, cpus=[0, 1], gpus=0, tpu_chips=0)
 
 
+def test_tpu_chips_from_accel_or_vfio_devices(tmp_path):
+  older, newer = tmp_path / 'v4', tmp_path / 'v5e'
+  older.mkdir()
+  for name in ('accel1', 'accel0', 'null'):
+    (older / name).touch()
+  assert local._tpu_chips(str(older)) == ['accel0', 'accel1']
+  (newer / 'vfio').mkdir(parents=True)
+  for name in ('vfio', '10', '2', '0'):
+    (newer / 'vfio' / name).touch()
+  assert local._tpu_chips(str(newer)) == ['0', '2', '10']
+  assert local._tpu_chips(str(tmp_path)) == []
+
+
 # ------------------------------------------------------------------ config --
 
 def _fake_config(**overrides):

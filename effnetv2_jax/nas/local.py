@@ -57,9 +57,16 @@ def _gpu_count() -> int:
   return sum(1 for line in out.splitlines() if line.startswith('GPU '))
 
 
-def _tpu_chips() -> list[str]:
-  accel = sorted(d for d in os.listdir('/dev') if d.startswith('accel'))
-  return accel
+def _tpu_chips(dev: str = '/dev') -> list[str]:
+  """The host's TPU chips: /dev/accel<N> (v2-v4, v5p), or /dev/vfio/<N>
+  (v5e, v6e; /dev/vfio/vfio is the container, not a chip)."""
+  accel = sorted(d for d in os.listdir(dev) if d.startswith('accel'))
+  if accel:
+    return accel
+  vfio = os.path.join(dev, 'vfio')
+  if not os.path.isdir(vfio):
+    return []
+  return sorted((d for d in os.listdir(vfio) if d.isdigit()), key=int)
 
 
 def device_groups(platform: str, slots: int, per_trial: int, *,
