@@ -36,7 +36,8 @@ MISTAKES = {
                               ['eval.batch_size', 'train.batch_size']),
     'unknown_key_lists_the_block': (
         ['--config.train.zzzz=1'], True,
-        ['--config.train.zzzz', 'train has: batch_size, epochs']),
+        ['--config.train.zzzz',
+         'train has: batch_size, epoch_examples, epochs']),
     'bad_variant': (['--config=configs/imagenet.py:q'], True,
                     ["variant 'q'", 's, m, l, xl, b0, b1, b2, b3']),
     'bad_preset': (['--config=configs/imagenet.py:s,offical'], True,
@@ -56,7 +57,9 @@ MISTAKES = {
     'misspelt_config_prefix': (['--conifg.train.epochs=3'], True,
                                ['did you mean --config.train.epochs?']),
     'stray_argument': (['stray'], True,
-                       ["'stray'", '--config, --distributed, --workdir']),
+                       ["'stray'", '--config, --coordinator_address, '
+                        '--distributed, --num_processes, --process_id, '
+                        '--workdir']),
     'value_after_a_boolean_flag': (['--distributed', 'true'], True,
                                    ['did you mean --distributed=true?']),
     'config_file_without_its_flag': (['configs/tiny.py'], True,

@@ -24,8 +24,11 @@ from interruptions import committed_steps
 pytestmark = pytest.mark.skipif(jax.device_count() < 8,
                                 reason='the reference needs 8 (fake) devices')
 
-OVERRIDES = {'train.total_steps': 16, 'checkpoint.every_steps': 2,
-             'checkpoint.keep': 20, 'data.input_processes': 2}
+# One stage: every run compiles one train program (the 2-stage plan is the
+# single-process tests' business).
+OVERRIDES = {'train.total_steps': 12, 'progressive.num_stages': 1,
+             'checkpoint.every_steps': 2, 'checkpoint.keep': 20,
+             'data.input_processes': 2}
 
 
 def _free_port() -> int:
@@ -115,7 +118,7 @@ def test_two_processes_train_what_one_process_trains_and_resume(tmp_path):
   # Process 0 alone writes metrics: one record per log interval.
   assert len(_records(workdir, 'train')) == len(
       _records(str(tmp_path / 'reference'), 'train'))
-  assert len(committed_steps(workdir)) >= 8
+  assert len(committed_steps(workdir)) >= 6
 
   # Kill one process mid-run (the other then fails on its next collective
   # and is stopped), restart both: the run resumes and ends where the
@@ -126,13 +129,13 @@ def test_two_processes_train_what_one_process_trains_and_resume(tmp_path):
   deadline = time.time() + 240
   while time.time() < deadline and jobs[1][0].poll() is None:
     steps = committed_steps(killed)
-    if steps and steps[-1] >= 8:
+    if steps and steps[-1] >= 6:
       jobs[1][0].kill()
       break
     time.sleep(0.05)
   jobs[0][0].kill()
   _wait(jobs, timeout=60)
-  assert 8 <= committed_steps(killed)[-1] < 16
+  assert 6 <= committed_steps(killed)[-1] < 12
   codes = _wait(_start(killed, str(killed_logs), overrides))
   assert codes == [0, 0], _tail(str(killed_logs))
   _assert_close(_model_params(os.path.join(workdir, 'model')),
