@@ -35,8 +35,8 @@ from flax import nnx
 from effnetv2_jax.models import token_arch
 from effnetv2_jax.models.vit import (Mlp, PatchEmbed, TokenClassifier,
                                      branch_keep, build_token_model,
-                                     check_rates, drop_path, layer_norm,
-                                     resize_token_grid)
+                                     check_rates, layer_norm,
+                                     residual_branches, resize_token_grid)
 
 _LECUN = jax.nn.initializers.lecun_normal()
 _ZEROS = jax.nn.initializers.zeros
@@ -90,14 +90,10 @@ class MixerBlock(nnx.Module):
     non-zero `drop_path_rate`."""
     keep = branch_keep(rng, x.shape[0], drop_path_rate, training=training,
                        branches=2, who='MixerBlock')
-    h = self.mix_tokens(self.norm1(x))
-    if keep is not None:
-      h = drop_path(h, keep[0], drop_path_rate)
-    x = x + h
-    h = self.mlp_channels(self.norm2(x))
-    if keep is not None:
-      h = drop_path(h, keep[1], drop_path_rate)
-    return x + h
+    return residual_branches(
+        x, (lambda v: self.mix_tokens(self.norm1(v)),
+            lambda v: self.mlp_channels(self.norm2(v))),
+        keep=keep, drop_path_rate=drop_path_rate)
 
 
 class MlpMixer(TokenClassifier):

@@ -191,6 +191,17 @@ def branch_keep(rng, batch: int, drop_path_rate, *, training: bool,
   return jax.random.uniform(rng, (branches, batch)) >= drop_path_rate
 
 
+def residual_branches(x, branches, *, keep, drop_path_rate):
+  """x + b1(x), then + b2(that), ...: each branch's output dropped per
+  example with `keep[i]` (None: nothing dropped), as a pre-norm block does."""
+  for index, branch in enumerate(branches):
+    h = branch(x)
+    if keep is not None:
+      h = drop_path(h, keep[index], drop_path_rate)
+    x = x + h
+  return x
+
+
 class TransformerBlock(nnx.Module):
   """Pre-LN encoder block on tokens [B, N, D]:
   x + attn(LN(x)), then x + mlp(LN(x)); each branch with its own per-example
@@ -218,14 +229,10 @@ class TransformerBlock(nnx.Module):
     non-zero `drop_path_rate`."""
     keep = branch_keep(rng, x.shape[0], drop_path_rate, training=training,
                        branches=2, who='TransformerBlock')
-    h = self.attn(self.norm1(x))
-    if keep is not None:
-      h = drop_path(h, keep[0], drop_path_rate)
-    x = x + h
-    h = self.mlp(self.norm2(x))
-    if keep is not None:
-      h = drop_path(h, keep[1], drop_path_rate)
-    return x + h
+    return residual_branches(
+        x, (lambda v: self.attn(self.norm1(v)),
+            lambda v: self.mlp(self.norm2(v))),
+        keep=keep, drop_path_rate=drop_path_rate)
 
 
 class TokenClassifier(nnx.Module):
